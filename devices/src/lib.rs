@@ -1,1 +1,10 @@
-//! placeholder
+// SPDX-License-Identifier: Apache-2.0
+
+//! Device models for the VMM (work in progress: more devices and the crate docs follow).
+
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod interrupt;
+pub use bus::{Bus, BusDevice, BusError};
+pub use interrupt::{CountingLine, EventFdLine, InterruptLine, MsiMessage};

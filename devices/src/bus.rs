@@ -1,0 +1,363 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! A bus that dispatches guest accesses to devices by address.
+//!
+//! The same [`Bus`] type serves port I/O (addresses are port numbers) and MMIO (addresses are
+//! guest physical addresses). Each device owns one half-open range `[base, base + len)` and sees
+//! offsets relative to `base`.
+//!
+//! Devices are stored as `Arc<Mutex<dyn BusDevice>>`, so the VMM can keep its own typed handle
+//! (`Arc<Mutex<Ioapic>>`, say) to the same device it puts on the bus. A [`Bus`] is `Send + Sync`:
+//! build it at setup, then share it between vCPU threads behind an `Arc<Bus>`. Cloning a bus
+//! clones the range table and shares the devices.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, warn};
+
+/// A device that answers guest reads and writes in its bus range.
+///
+/// `offset` is relative to the base the device was inserted at; `data.len()` is the access size.
+/// Both come straight from the guest: implementations must not panic on any offset or size.
+pub trait BusDevice: Send {
+    /// Handles a read of `data.len()` bytes at `offset`, filling `data`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Handles a write of `data` at `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// Errors from building a [`Bus`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    /// A device range must cover at least one address.
+    #[error("Bus range at {base:#x} has zero length")]
+    ZeroLength {
+        /// Requested base address.
+        base: u64,
+    },
+    /// `base + len` does not fit in a `u64`.
+    #[error("Bus range at {base:#x} with length {len:#x} overflows the address space")]
+    Overflow {
+        /// Requested base address.
+        base: u64,
+        /// Requested length.
+        len: u64,
+    },
+    /// The range intersects a device already on the bus.
+    #[error("Bus range {base:#x}+{len:#x} overlaps the device at {other_base:#x}+{other_len:#x}")]
+    Overlap {
+        /// Requested base address.
+        base: u64,
+        /// Requested length.
+        len: u64,
+        /// Base of the device already there.
+        other_base: u64,
+        /// Length of the device already there.
+        other_len: u64,
+    },
+}
+
+#[derive(Clone)]
+struct BusEntry {
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
+}
+
+/// Address-keyed table of devices; see the [module documentation](self).
+#[derive(Clone, Default)]
+pub struct Bus {
+    /// Keyed by base address; ranges never overlap (checked in [`Bus::insert`]).
+    devices: BTreeMap<u64, BusEntry>,
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(
+                self.devices
+                    .iter()
+                    .map(|(base, e)| format!("{base:#x}+{:#x}", e.len)),
+            )
+            .finish()
+    }
+}
+
+impl Bus {
+    /// Creates an empty bus.
+    pub fn new() -> Bus {
+        Bus::default()
+    }
+
+    /// Puts `device` on the bus at `[base, base + len)`.
+    ///
+    /// Refuses an empty range, a range that wraps past `u64::MAX`, and any overlap with a device
+    /// already on the bus. Adjacent ranges are fine.
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        if len == 0 {
+            return Err(BusError::ZeroLength { base });
+        }
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overflow { base, len })?;
+        // The only candidate for an overlap is the last device starting before our end: any
+        // earlier one ends before it starts (ranges on the bus are disjoint).
+        if let Some((&other_base, other)) = self.devices.range(..end).next_back() {
+            if other_base + other.len > base {
+                return Err(BusError::Overlap {
+                    base,
+                    len,
+                    other_base,
+                    other_len: other.len,
+                });
+            }
+        }
+        self.devices.insert(base, BusEntry { len, device });
+        Ok(())
+    }
+
+    /// Number of devices on the bus.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether the bus has no device.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Finds the device whose range holds the whole access `[addr, addr + size)`, and the
+    /// offset of `addr` in it.
+    fn resolve(&self, addr: u64, size: usize) -> Option<(u64, &BusEntry)> {
+        let (&base, entry) = self.devices.range(..=addr).next_back()?;
+        let offset = addr - base;
+        let fits = (size as u64)
+            .checked_add(offset)
+            .is_some_and(|end| end <= entry.len);
+        if !fits {
+            if offset < entry.len {
+                debug!(
+                    "bus: {size}-byte access at {addr:#x} crosses the end of the device at \
+                     {base:#x}+{:#x}",
+                    entry.len
+                );
+            }
+            return None;
+        }
+        Some((offset, entry))
+    }
+
+    /// Reads `data.len()` bytes at `addr` from the device there.
+    ///
+    /// Returns `false`, leaving `data` untouched, when no single device holds the whole access;
+    /// the caller logs it and answers all-ones, as an unclaimed bus does.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.resolve(addr, data.len()) {
+            Some((offset, entry)) => {
+                lock(&entry.device, addr).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes `data` at `addr` to the device there.
+    ///
+    /// Returns `false` when no single device holds the whole access; the write is dropped.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.resolve(addr, data.len()) {
+            Some((offset, entry)) => {
+                lock(&entry.device, addr).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Locks a device, recovering from poisoning: a device that panicked once must not take the
+/// whole VMM down on every later access.
+fn lock<'a>(
+    device: &'a Mutex<dyn BusDevice>,
+    addr: u64,
+) -> MutexGuard<'a, dyn BusDevice + 'static> {
+    device.lock().unwrap_or_else(|poisoned| {
+        warn!("bus: device at {addr:#x} was poisoned by an earlier panic; using it anyway");
+        poisoned.into_inner()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the last access and answers reads with `offset` repeated.
+    #[derive(Default)]
+    struct Recorder {
+        last_write: Option<(u64, Vec<u8>)>,
+        reads: usize,
+    }
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            self.reads += 1;
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.last_write = Some((offset, data.to_vec()));
+        }
+    }
+
+    fn recorder() -> Arc<Mutex<Recorder>> {
+        Arc::new(Mutex::new(Recorder::default()))
+    }
+
+    #[test]
+    fn bus_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Bus>();
+        assert_send_sync::<Arc<Bus>>();
+    }
+
+    #[test]
+    fn bus_rejects_zero_length() {
+        let mut bus = Bus::new();
+        assert_eq!(
+            bus.insert(recorder(), 0x10, 0),
+            Err(BusError::ZeroLength { base: 0x10 })
+        );
+        assert!(bus.is_empty());
+    }
+
+    #[test]
+    fn bus_rejects_wrapping_range() {
+        let mut bus = Bus::new();
+        assert!(matches!(
+            bus.insert(recorder(), u64::MAX, 2),
+            Err(BusError::Overflow { .. })
+        ));
+        // The exclusive end must fit in a u64, so the very last address cannot be covered
+        // (nothing lives there); the one before it can.
+        assert!(matches!(
+            bus.insert(recorder(), u64::MAX, 1),
+            Err(BusError::Overflow { .. })
+        ));
+        assert!(bus.insert(recorder(), u64::MAX - 1, 1).is_ok());
+    }
+
+    #[test]
+    fn bus_rejects_overlap() {
+        let mut bus = Bus::new();
+        bus.insert(recorder(), 0x100, 0x10).unwrap();
+        // Same base, starts inside, ends inside, covers it entirely.
+        for (base, len) in [(0x100, 1), (0x10f, 0x10), (0xf8, 0x9), (0x0, 0x1000)] {
+            assert_eq!(
+                bus.insert(recorder(), base, len),
+                Err(BusError::Overlap {
+                    base,
+                    len,
+                    other_base: 0x100,
+                    other_len: 0x10
+                }),
+                "{base:#x}+{len:#x}"
+            );
+        }
+        assert_eq!(bus.len(), 1);
+    }
+
+    #[test]
+    fn bus_accepts_adjacent_ranges() {
+        let mut bus = Bus::new();
+        bus.insert(recorder(), 0x100, 0x10).unwrap();
+        bus.insert(recorder(), 0xf0, 0x10).unwrap();
+        bus.insert(recorder(), 0x110, 0x10).unwrap();
+        assert_eq!(bus.len(), 3);
+    }
+
+    #[test]
+    fn bus_dispatches_with_relative_offset() {
+        let mut bus = Bus::new();
+        let dev = recorder();
+        bus.insert(dev.clone(), 0x3f8, 8).unwrap();
+
+        assert!(bus.write(0x3fb, &[0xaa]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((3, vec![0xaa])));
+
+        let mut data = [0u8; 2];
+        assert!(bus.read(0x3fd, &mut data));
+        assert_eq!(data, [5, 5]);
+    }
+
+    #[test]
+    fn bus_picks_the_right_device_among_several() {
+        let mut bus = Bus::new();
+        let low = recorder();
+        let high = recorder();
+        bus.insert(low.clone(), 0x1000, 0x1000).unwrap();
+        bus.insert(high.clone(), 0x2000, 0x1000).unwrap();
+
+        assert!(bus.write(0x2004, &[1, 2, 3, 4]));
+        assert!(low.lock().unwrap().last_write.is_none());
+        assert_eq!(high.lock().unwrap().last_write, Some((4, vec![1, 2, 3, 4])));
+    }
+
+    #[test]
+    fn unclaimed_access_returns_false_and_leaves_data() {
+        let mut bus = Bus::new();
+        bus.insert(recorder(), 0x100, 0x10).unwrap();
+
+        let mut data = [0xffu8; 4];
+        assert!(!bus.read(0xff, &mut data));
+        assert!(!bus.read(0x110, &mut data));
+        assert!(!bus.write(0x0, &[0]));
+        assert_eq!(data, [0xff; 4]);
+    }
+
+    #[test]
+    fn access_crossing_device_end_is_unclaimed() {
+        let mut bus = Bus::new();
+        let dev = recorder();
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+
+        let mut data = [0u8; 4];
+        assert!(!bus.read(0x10e, &mut data));
+        assert!(!bus.write(0x10d, &[0; 4]));
+        assert_eq!(dev.lock().unwrap().reads, 0);
+        // Exactly up to the end is fine.
+        assert!(bus.read(0x10c, &mut data));
+    }
+
+    #[test]
+    fn poisoned_device_still_answers() {
+        let mut bus = Bus::new();
+        let dev = recorder();
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = dev.lock().unwrap();
+            panic!("poison the device mutex");
+        }));
+        assert!(dev.is_poisoned());
+
+        let mut data = [0u8; 1];
+        assert!(bus.read(0x101, &mut data));
+        assert_eq!(data, [1]);
+    }
+
+    #[test]
+    fn cloned_bus_shares_devices() {
+        let mut bus = Bus::new();
+        let dev = recorder();
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+        let clone = bus.clone();
+
+        assert!(clone.write(0x102, &[7]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((2, vec![7])));
+    }
+}
