@@ -6,5 +6,7 @@
 
 pub mod bus;
 pub mod interrupt;
+pub mod ioapic;
 pub use bus::{Bus, BusDevice, BusError};
 pub use interrupt::{CountingLine, EventFdLine, InterruptLine, MsiMessage};
+pub use ioapic::{rte_to_msi, Ioapic, IoapicStats};
