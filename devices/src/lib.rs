@@ -7,6 +7,8 @@
 pub mod bus;
 pub mod interrupt;
 pub mod ioapic;
+pub mod serial;
 pub use bus::{Bus, BusDevice, BusError};
 pub use interrupt::{CountingLine, EventFdLine, InterruptLine, MsiMessage};
 pub use ioapic::{rte_to_msi, Ioapic, IoapicStats};
+pub use serial::Serial;
