@@ -1,1 +1,77 @@
-fn main() {}
+//! `vmm`: boots a Linux guest on KVM with a paravirtual IOMMU it sees early in boot.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use vmm::config::{Cli, VmConfig};
+use vmm::{stats, vm};
+
+/// Prints an error and its sources on one line: `vmm: error: A: B: C`.
+fn print_error_chain(err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    eprintln!("vmm: error: {msg}");
+}
+
+fn init_logger(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap's message spans several lines (usage, hint); keep the first.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("vmm: error: {}", first.trim_start_matches("error: ").trim());
+            return ExitCode::from(2);
+        }
+    };
+    init_logger(cli.verbose);
+    let cfg = match VmConfig::from_cli(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            print_error_chain(&e);
+            return ExitCode::from(2);
+        }
+    };
+    match vm::run(&cfg) {
+        Ok(outcome) => {
+            let code = outcome.exit.exit_code();
+            if code == 0 {
+                log::info!("{}", outcome.exit.describe());
+            } else {
+                eprintln!("vmm: {}", outcome.exit.describe());
+            }
+            if let Err(e) = stats::report(&cfg, &outcome) {
+                print_error_chain(&e);
+                return ExitCode::from(1);
+            }
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            print_error_chain(&e);
+            ExitCode::from(1)
+        }
+    }
+}

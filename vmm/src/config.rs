@@ -1,0 +1,332 @@
+//! Command line → [`VmConfig`]. Parsing (clap) is separate from validation, and every
+//! validation failure is one sentence naming the bad value.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use arch::layout;
+use clap::{Parser, ValueEnum};
+
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// What `--iommu` turns on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IommuMode {
+    /// DMA translation (virtio-iommu) and interrupt remapping.
+    On,
+    /// Only DMA translation through the virtio-iommu.
+    Dma,
+    /// Only interrupt remapping.
+    Intremap,
+    /// Neither.
+    Off,
+}
+
+/// Command-line interface of `vmm`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "Minimal KVM VMM with a paravirtual IOMMU seen early in boot"
+)]
+pub struct Cli {
+    /// Guest kernel: a bzImage or an ELF vmlinux (booted through its PVH note when present).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk loaded at the top of low memory.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u64,
+    /// Write every ACPI table as DIR/NAME.dat.
+    #[arg(long, value_name = "DIR")]
+    pub dump_tables: Option<PathBuf>,
+    /// Put devices behind the IOMMU: `on` (DMA translation and interrupt remapping), `dma` or
+    /// `intremap`.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    pub iommu: Option<IommuMode>,
+    /// Print device and interrupt counters at exit.
+    #[arg(long)]
+    pub stats: bool,
+    /// Write the counters as JSON to PATH at exit.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Kernel image formats we boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A bzImage (setup header with `HdrS` at 0x202).
+    BzImage,
+    /// An ELF64 vmlinux.
+    Elf,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel path.
+    pub kernel: PathBuf,
+    /// Its format.
+    pub kernel_format: KernelFormat,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Command line.
+    pub cmdline: String,
+    /// vCPU count.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub mem_size: u64,
+    /// Where to dump ACPI tables.
+    pub dump_tables: Option<PathBuf>,
+    /// DMA translation through the virtio-iommu.
+    pub iommu_dma: bool,
+    /// Interrupt remapping.
+    pub iommu_intremap: bool,
+    /// Print counters at exit.
+    pub stats: bool,
+    /// Write counters as JSON.
+    pub stats_json: Option<PathBuf>,
+}
+
+/// Invalid user input.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The kernel can't be opened.
+    #[error("Cannot read kernel {path}")]
+    KernelUnreadable {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is neither a bzImage nor an ELF.
+    #[error("Kernel {0} is not a bzImage or an ELF vmlinux")]
+    KernelFormat(PathBuf),
+    /// The initrd can't be opened.
+    #[error("Cannot read initrd {path}")]
+    InitrdUnreadable {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad vCPU count.
+    #[error("--cpus must be between 1 and {max}, got {got}")]
+    Cpus {
+        /// What was asked.
+        got: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Bad memory size.
+    #[error("--memory must be between {min} and {max} MiB, got {got}")]
+    Memory {
+        /// What was asked.
+        got: u64,
+        /// Lower limit.
+        min: u64,
+        /// Upper limit.
+        max: u64,
+    },
+    /// Command line too long.
+    #[error("--cmdline is {len} bytes; the limit is {max}")]
+    Cmdline {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+fn sniff_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let unreadable = |source| ConfigError::KernelUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = File::open(path).map_err(unreadable)?;
+    if f.metadata().map_err(unreadable)?.is_dir() {
+        return Err(unreadable(std::io::Error::from_raw_os_error(libc::EISDIR)));
+    }
+    let mut head = vec![0u8; 0x210];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]).map_err(unreadable)? {
+            0 => break,
+            r => n += r,
+        }
+    }
+    head.truncate(n);
+    if head.starts_with(b"\x7fELF") {
+        return Ok(KernelFormat::Elf);
+    }
+    if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(ConfigError::KernelFormat(path.to_owned()))
+}
+
+impl VmConfig {
+    /// Validates the command line.
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let kernel_format = sniff_kernel(&cli.kernel)?;
+        if let Some(p) = &cli.initrd {
+            File::open(p).map_err(|source| ConfigError::InitrdUnreadable {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        if cli.cpus == 0 || cli.cpus > layout::MAX_CPUS {
+            return Err(ConfigError::Cpus {
+                got: cli.cpus,
+                max: layout::MAX_CPUS,
+            });
+        }
+        let (min, max) = (layout::MIN_MEMORY >> 20, layout::MAX_MEMORY >> 20);
+        if cli.memory < min || cli.memory > max {
+            return Err(ConfigError::Memory {
+                got: cli.memory,
+                min,
+                max,
+            });
+        }
+        let len = cli.cmdline.len() + 1;
+        if len > layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::Cmdline {
+                len,
+                max: layout::CMDLINE_MAX_SIZE,
+            });
+        }
+        let mode = cli.iommu.unwrap_or(IommuMode::Off);
+        Ok(VmConfig {
+            kernel: cli.kernel,
+            kernel_format,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+            cpus: cli.cpus,
+            mem_size: cli.memory << 20,
+            dump_tables: cli.dump_tables,
+            iommu_dma: matches!(mode, IommuMode::On | IommuMode::Dma),
+            iommu_intremap: matches!(mode, IommuMode::On | IommuMode::Intremap),
+            stats: cli.stats,
+            stats_json: cli.stats_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    fn bzimage() -> Vec<u8> {
+        let mut b = vec![0u8; 0x400];
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b
+    }
+
+    fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_cli(Cli::try_parse_from(args).unwrap())
+    }
+
+    #[test]
+    fn defaults_are_one_cpu_512_mib_and_serial_console() {
+        let k = temp_file("bz", &bzimage());
+        let c = parse(&["vmm", "--kernel", k.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (c.cpus, c.mem_size, c.cmdline.as_str()),
+            (1, 512 << 20, "console=ttyS0")
+        );
+        assert_eq!(c.kernel_format, KernelFormat::BzImage);
+        assert!(!c.iommu_dma && !c.iommu_intremap);
+    }
+
+    #[test]
+    fn elf_kernel_is_recognised() {
+        let k = temp_file("elf", b"\x7fELF\x02\x01\x01rest");
+        assert_eq!(
+            parse(&["vmm", "--kernel", k.to_str().unwrap()])
+                .unwrap()
+                .kernel_format,
+            KernelFormat::Elf
+        );
+    }
+
+    #[test]
+    fn iommu_flag_selects_both_or_one() {
+        let k = temp_file("bz2", &bzimage());
+        let k = k.to_str().unwrap();
+        let c = parse(&["vmm", "--kernel", k, "--iommu"]).unwrap();
+        assert!(c.iommu_dma && c.iommu_intremap);
+        let c = parse(&["vmm", "--kernel", k, "--iommu=dma"]).unwrap();
+        assert!(c.iommu_dma && !c.iommu_intremap);
+        let c = parse(&["vmm", "--kernel", k, "--iommu=intremap"]).unwrap();
+        assert!(!c.iommu_dma && c.iommu_intremap);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let k = temp_file("bz3", &bzimage());
+        let k = k.to_str().unwrap();
+        assert!(matches!(
+            parse(&["vmm", "--kernel", k, "--cpus", "0"]),
+            Err(ConfigError::Cpus { .. })
+        ));
+        assert!(matches!(
+            parse(&["vmm", "--kernel", k, "--cpus", "255"]),
+            Err(ConfigError::Cpus { .. })
+        ));
+        assert!(matches!(
+            parse(&["vmm", "--kernel", k, "--memory", "1"]),
+            Err(ConfigError::Memory { .. })
+        ));
+        assert!(matches!(
+            parse(&["vmm", "--kernel", k, "--memory", "999999999"]),
+            Err(ConfigError::Memory { .. })
+        ));
+        let long = "x".repeat(3000);
+        assert!(matches!(
+            parse(&["vmm", "--kernel", k, "--cmdline", &long]),
+            Err(ConfigError::Cmdline { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_or_wrong_kernel_is_refused() {
+        assert!(matches!(
+            parse(&["vmm", "--kernel", "/nonexistent/k"]),
+            Err(ConfigError::KernelUnreadable { .. })
+        ));
+        let t = temp_file("text", b"hello, not a kernel");
+        assert!(matches!(
+            parse(&["vmm", "--kernel", t.to_str().unwrap()]),
+            Err(ConfigError::KernelFormat(_))
+        ));
+        assert!(matches!(
+            parse(&["vmm", "--kernel", "/"]),
+            Err(ConfigError::KernelUnreadable { .. })
+        ));
+    }
+}

@@ -1,0 +1,12 @@
+//! The VMM library: everything that owns KVM file descriptors, threads and devices.
+//! `main.rs` only parses the command line and prints the outcome.
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod event_loop;
+pub mod interrupts;
+pub mod kernel;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;

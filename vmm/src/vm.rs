@@ -1,0 +1,448 @@
+//! The boot recipe, in order: KVM → memory → irqchip → devices → ACPI → kernel → vCPUs →
+//! event loop. [`run`] reads as that checklist; each step is a small function.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arch::cpuid::{filter_cpuid, VcpuTopology};
+use arch::layout;
+use arch::regs;
+use devices::{AcpiPm, Bus, BusDevice, ExitSignal, Ioapic, Serial, I8042};
+use firmware_tables::{IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::config::VmConfig;
+use crate::event_loop::{self, EventLoopError};
+use crate::interrupts::{InterruptCounters, InterruptError, InterruptManager, IrqfdLine};
+use crate::kernel::{self, KernelError};
+use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
+
+/// `KVM_CAP_X2APIC_API` flags: 32-bit destination IDs in MSI routes and no broadcast quirk.
+const X2APIC_API_FLAGS: u64 = (kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
+    | kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK) as u64;
+/// Address of the 3-page TSS region KVM needs on Intel hosts (just below the BIOS area at 4 GiB).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors while building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm can't be opened.
+    #[error("Cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A required KVM capability is missing.
+    #[error("KVM lacks {0:?}, which this VMM needs")]
+    MissingCap(Cap),
+    /// A KVM ioctl failed.
+    #[error("KVM call failed: {what}")]
+    Kvm {
+        /// What we were doing.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory allocation failed.
+    #[error("Cannot allocate {0} MiB of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// Interrupt setup failed.
+    #[error("Cannot set up interrupts")]
+    Interrupts(#[source] InterruptError),
+    /// A device could not be placed on a bus.
+    #[error("Cannot register a device on the bus")]
+    Bus(#[source] devices::BusError),
+    /// ACPI table generation failed.
+    #[error("Cannot build ACPI tables")]
+    Acpi(#[source] firmware_tables::AcpiError),
+    /// Writing the ACPI tables failed.
+    #[error("Cannot write ACPI tables into guest memory")]
+    WriteAcpi(#[source] vm_memory::GuestMemoryError),
+    /// Dumping tables failed.
+    #[error("Cannot write ACPI table dump {0}")]
+    DumpTables(std::path::PathBuf, #[source] std::io::Error),
+    /// Kernel loading failed.
+    #[error("Cannot load the guest kernel")]
+    Kernel(#[source] KernelError),
+    /// The power-management exit signal could not be created.
+    #[error("Cannot create the power-off signal")]
+    ExitSignal(#[source] devices::ExitSignalError),
+    /// An eventfd could not be created.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A vCPU thread could not be spawned.
+    #[error("Cannot spawn vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    /// The signal handler for kicking vCPUs can't be installed.
+    #[error("Cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The event loop failed.
+    #[error("Event loop failed")]
+    EventLoop(#[source] EventLoopError),
+    /// Writing the statistics file failed.
+    #[error("Cannot write statistics to {0}")]
+    Stats(std::path::PathBuf, #[source] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// What the run ended with, plus the numbers the VMM reports.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why the VM stopped.
+    pub exit: VmExit,
+    /// Interrupt counters at the end.
+    pub interrupts: InterruptCounters,
+    /// Triggers of the serial port's interrupt line.
+    pub serial_irqs: u64,
+    /// IOAPIC redirection-table writes and EOIs.
+    pub ioapic: devices::IoapicStats,
+    /// Wall time from VMM start to stop.
+    pub elapsed: Duration,
+}
+
+/// Serial output: written straight through to stdout so prompts without a newline show.
+struct ConsoleOut;
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// The IOAPIC on the MMIO bus: after each guest write, the pins whose redirection entry
+/// changed get their KVM route recomputed (slow path; delivery stays on the irqfds).
+struct IoapicRouter {
+    ioapic: Arc<Mutex<Ioapic>>,
+    interrupts: Arc<InterruptManager>,
+}
+
+impl BusDevice for IoapicRouter {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.ioapic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let updates: Vec<_> = {
+            let mut ioapic = self.ioapic.lock().unwrap_or_else(|e| e.into_inner());
+            ioapic.write(offset, data);
+            let dirty = ioapic.take_dirty_pins();
+            (0..layout::IOAPIC_PINS)
+                .filter(|pin| dirty & (1 << pin) != 0)
+                .map(|pin| (pin, ioapic.pin_msi(pin as usize)))
+                .collect()
+        };
+        if updates.is_empty() {
+            return;
+        }
+        if let Err(e) = self.interrupts.update_routes(&updates) {
+            log::error!("Cannot update IOAPIC routes: {e}");
+        }
+    }
+}
+
+/// Creates a VM with split irqchip (and the x2APIC API when KVM has it).
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    for cap in [
+        Cap::Irqfd,
+        Cap::IrqRouting,
+        Cap::SplitIrqchip,
+        Cap::Ioeventfd,
+        Cap::SignalMsi,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    if let Err(e) = vm.set_tss_address(KVM_TSS_ADDRESS) {
+        log::warn!("KVM_SET_TSS_ADDR failed ({e}); continuing");
+    }
+    // Split irqchip: LAPICs in KVM, IOAPIC in userspace, GSIs 0..24 reserved for its pins.
+    let split = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+        args: [u64::from(layout::IOAPIC_PINS), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&split)
+        .map_err(kvm_err("KVM_ENABLE_CAP(SPLIT_IRQCHIP)"))?;
+    if kvm.check_extension(Cap::X2ApicApi) {
+        let x2apic = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            args: [X2APIC_API_FLAGS, 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&x2apic)
+            .map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
+    }
+    Ok(vm)
+}
+
+/// Allocates `size` bytes of guest RAM laid out around the MMIO hole and registers it.
+pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<_> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(size >> 20, e))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .expect("an mmap region always has a host address");
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the host range belongs to `mem`, an mmap that outlives the VM: `run` keeps
+        // `mem` alive until every vCPU thread is joined and the VmFd is dropped.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// The platform description the firmware tables are built from.
+fn platform(cfg: &VmConfig) -> PlatformDescription {
+    PlatformDescription {
+        num_cpus: cfg.cpus,
+        ioapic: IoapicDesc {
+            id: layout::IOAPIC_ID,
+            address: layout::IOAPIC_START as u32,
+            gsi_base: 0,
+        },
+        serial: Some(SerialDesc {
+            io_base: layout::SERIAL_PORT,
+            irq: layout::SERIAL_IRQ,
+        }),
+        pm: PmDesc {
+            io_base: layout::PM_PORT,
+        },
+        virtio_mmio: Vec::new(),
+        iommu: None,
+        dmar: None,
+    }
+}
+
+fn write_acpi(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmError> {
+    let tables = firmware_tables::build_acpi(&platform(cfg), layout::ACPI_START, layout::ACPI_SIZE)
+        .map_err(VmError::Acpi)?;
+    for blob in &tables.blobs {
+        mem.write_slice(&blob.bytes, GuestAddress(blob.addr))
+            .map_err(VmError::WriteAcpi)?;
+        log::debug!(
+            "acpi: wrote {} ({} bytes) at {:#x}",
+            blob.name_str(),
+            blob.bytes.len(),
+            blob.addr
+        );
+    }
+    if let Some(dir) = &cfg.dump_tables {
+        std::fs::create_dir_all(dir).map_err(|e| VmError::DumpTables(dir.clone(), e))?;
+        for blob in &tables.blobs {
+            let path = dir.join(format!("{}.dat", blob.name_str()));
+            std::fs::write(&path, &blob.bytes).map_err(|e| VmError::DumpTables(path, e))?;
+        }
+    }
+    Ok(tables.rsdp_addr)
+}
+
+fn configure_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    id: u32,
+    cfg: &VmConfig,
+    boot: Option<kernel::BootEntry>,
+) -> Result<(), VmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    filter_cpuid(
+        cpuid.as_mut_slice(),
+        VcpuTopology {
+            cpu_id: id as u8,
+            cpu_count: cfg.cpus as u8,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        },
+    );
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    regs::set_lint(&mut lapic);
+    vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+
+    // Application processors keep their reset state: the guest starts them with INIT/SIPI
+    // through its LAPIC, which KVM emulates.
+    let Some(boot) = boot else { return Ok(()) };
+    let entries = regs::boot_msrs();
+    let msrs = Msrs::from_entries(&entries).expect("the boot MSR list is far below the FAM limit");
+    let written = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+    if written != entries.len() {
+        log::warn!(
+            "KVM accepted {written} of {} boot MSRs (first refused: {:#x})",
+            entries.len(),
+            entries[written].index
+        );
+    }
+    vcpu.set_fpu(&regs::boot_fpu())
+        .map_err(kvm_err("KVM_SET_FPU"))?;
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    regs::boot_sregs(&mut sregs, boot.protocol);
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry))
+        .map_err(kvm_err("KVM_SET_REGS"))?;
+    Ok(())
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Stops the vCPU threads: sets the stop flag and signals each thread until it leaves
+/// KVM_RUN (a signal that lands just before KVM_RUN is repeated by the next round).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut threads = threads;
+    while !threads.is_empty() && Instant::now() < deadline {
+        for t in &threads {
+            let _ = t.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let (done, running): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        threads = running;
+    }
+    if !threads.is_empty() {
+        log::warn!("{} vCPU thread(s) did not stop in time", threads.len());
+    }
+}
+
+/// Builds the VM described by `cfg`, runs it until it stops, and reports why.
+pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
+    let started = Instant::now();
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
+    let mem = create_memory(&vm, cfg.mem_size)?;
+
+    // Interrupts: an (empty) routing table first, then irqfds.
+    let interrupts = Arc::new(InterruptManager::new(
+        vm.clone(),
+        layout::IOAPIC_PINS,
+        (layout::GSI_MSI_START, layout::GSI_MSI_END),
+    ));
+    interrupts.init_routing().map_err(VmError::Interrupts)?;
+
+    // Devices.
+    let exit_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?);
+    let (exit_tx, exit_rx) = channel();
+    let exit = ExitSender::new(exit_tx, exit_wake.clone());
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(layout::IOAPIC_ID)));
+    let mut mmio = Bus::new();
+    mmio.insert(
+        Arc::new(Mutex::new(IoapicRouter {
+            ioapic: ioapic.clone(),
+            interrupts: interrupts.clone(),
+        })),
+        layout::IOAPIC_START,
+        layout::IOAPIC_SIZE,
+    )
+    .map_err(VmError::Bus)?;
+    let serial_line: Arc<IrqfdLine> = interrupts
+        .irqfd_line(layout::SERIAL_IRQ)
+        .map_err(VmError::Interrupts)?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        serial_line.clone(),
+        Box::new(ConsoleOut),
+    )));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), 8)
+        .map_err(VmError::Bus)?;
+    let power = ExitSignal::new().map_err(VmError::ExitSignal)?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(power.clone()))),
+        u64::from(layout::PM_PORT),
+        devices::pm::PM_REG_LEN,
+    )
+    .map_err(VmError::Bus)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(power.clone()))),
+        u64::from(layout::I8042_PORT),
+        devices::i8042::I8042_PORT_LEN,
+    )
+    .map_err(VmError::Bus)?;
+
+    // Firmware tables and kernel.
+    let rsdp = write_acpi(cfg, &mem)?;
+    let boot = kernel::load(cfg, &mem, rsdp).map_err(VmError::Kernel)?;
+    kernel::write_boot_tables(&mem, boot.protocol).map_err(VmError::Kernel)?;
+
+    // vCPUs.
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmError::Signal)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        ioapic: ioapic.clone(),
+        exit: exit.clone(),
+        stop: stop.clone(),
+    };
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        configure_vcpu(&kvm, &fd, id, cfg, (id == 0).then_some(boot))?;
+        vcpus.push(fd);
+    }
+    let mut threads = Vec::new();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_vcpu(id as u32, fd, ctx))
+            .map_err(VmError::Spawn)?;
+        threads.push(t);
+    }
+    log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
+
+    let reason =
+        event_loop::run(exit_wake, &exit_rx, serial.clone(), power).map_err(VmError::EventLoop);
+    stop_vcpus(&stop, threads);
+    let reason = reason?;
+    drain_reason(&exit_rx);
+
+    let ioapic_stats = ioapic.lock().unwrap_or_else(|e| e.into_inner()).stats();
+    Ok(RunOutcome {
+        exit: reason,
+        interrupts: interrupts.counters(),
+        serial_irqs: serial_line.triggers(),
+        ioapic: ioapic_stats,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn drain_reason(rx: &Receiver<VmExit>) {
+    while let Ok(r) = rx.try_recv() {
+        log::debug!("Further stop reason after the first: {r:?}");
+    }
+}
