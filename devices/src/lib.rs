@@ -41,6 +41,7 @@ pub mod interrupt;
 pub mod ioapic;
 pub mod pm;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitRequest, ExitSignal, ExitSignalError};

@@ -1,0 +1,299 @@
+//! Harness for end-to-end tests: finds the `vmm` binary and the test guest, boots it with
+//! the checks the guest agent should run, and collects what the guest printed.
+//!
+//! The guest agent (`tests/guest-agent`, the initramfs's `/init`) prints `GUEST_INIT_REACHED`,
+//! then `GUEST_FACT <check>.<key>=<value>` and `GUEST_CHECK <name> PASS|FAIL ...` lines, then
+//! `GUEST_DONE pass=P fail=F`, and powers off.
+//!
+//! Missing prerequisites (no /dev/kvm, guest image not built) fail the test with a message
+//! saying what to do: CI has both, so a skip would hide a broken setup.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+/// Root of the workspace.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+}
+
+/// The `vmm` binary: `$VMM_BIN`, or the one next to this test's target directory.
+pub fn vmm_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("VMM_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("vmm")).expect("target dir");
+    assert!(
+        bin.exists(),
+        "vmm binary not found at {}: run `cargo build` first (or set VMM_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// The test guest built by `resources/guest/build.sh`.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// ELF kernel (boots through PVH).
+    pub vmlinux: PathBuf,
+    /// bzImage of the same kernel.
+    pub bzimage: PathBuf,
+    /// Uncompressed initramfs whose /init is the guest agent.
+    pub initramfs: PathBuf,
+    /// Extra guest command line this host needs (empty on a real KVM host).
+    pub host_cmdline: String,
+}
+
+/// Whether this host's KVM is PVM (guest kernel code runs in KVM's emulator and needs the
+/// `emul_quirks` command line; see shared/design/host-pvm.md).
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Locates the built guest image, failing loudly if it is missing.
+pub fn guest_image() -> GuestImage {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: end-to-end tests need KVM"
+    );
+    let script = workspace_root().join("resources/guest/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--print-dir")
+        .output()
+        .expect("run resources/guest/build.sh --print-dir");
+    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_owned();
+    assert!(
+        out.status.success() && !dir.is_empty(),
+        "test guest is not built: run `bash resources/guest/build.sh` (CI does it in .ci/run)\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = PathBuf::from(dir);
+    let host_cmdline = if host_is_pvm() {
+        std::fs::read_to_string(dir.join("cmdline-pvm.txt")).expect("cmdline-pvm.txt").trim().to_owned()
+    } else {
+        String::new()
+    };
+    GuestImage {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio"),
+        host_cmdline,
+    }
+}
+
+/// One guest boot to run.
+#[derive(Debug, Clone)]
+pub struct GuestRun {
+    /// Kernel to boot.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Guest command line (the harness adds the console, host quirks and checks).
+    pub cmdline: Vec<String>,
+    /// Extra vmm arguments.
+    pub args: Vec<String>,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// How long to wait for the VMM to exit.
+    pub timeout: Duration,
+}
+
+impl GuestRun {
+    /// A run of `kernel` with the test initramfs and `checks` for the guest agent.
+    pub fn new(image: &GuestImage, kernel: &Path, checks: &str) -> Self {
+        let mut cmdline = vec![
+            "console=ttyS0".to_owned(),
+            "panic=-1".to_owned(),
+            format!("guest.checks={checks}"),
+        ];
+        if !image.host_cmdline.is_empty() {
+            cmdline.push(image.host_cmdline.clone());
+        }
+        GuestRun {
+            kernel: kernel.to_owned(),
+            initrd: Some(image.initramfs.clone()),
+            cmdline,
+            args: Vec::new(),
+            cpus: 1,
+            memory_mib: 256,
+            timeout: Duration::from_secs(900),
+        }
+    }
+
+    /// Boots the guest and waits for the VMM to exit (or kills it at the timeout).
+    pub fn run(&self) -> GuestOutput {
+        let mut cmd = Command::new(vmm_binary());
+        cmd.arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--cpus")
+            .arg(self.cpus.to_string())
+            .arg("--memory")
+            .arg(self.memory_mib.to_string())
+            .arg("--cmdline")
+            .arg(self.cmdline.join(" "))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(i) = &self.initrd {
+            cmd.arg("--initrd").arg(i);
+        }
+        eprintln!("e2e: running {cmd:?}");
+        let start = Instant::now();
+        let mut child = cmd.spawn().expect("spawn vmm");
+        let (tx, rx) = channel();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        let out_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+                let _ = tx.send((start.elapsed(), false, line));
+            }
+        });
+        let err_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx2.send((start.elapsed(), true, line));
+            }
+        });
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait vmm") {
+                break Some(s);
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let _ = out_reader.join();
+        let _ = err_reader.join();
+        let mut out = GuestOutput {
+            status,
+            elapsed: start.elapsed(),
+            ..Default::default()
+        };
+        for (t, is_err, line) in rx.try_iter() {
+            if is_err {
+                out.stderr.push(line);
+            } else {
+                out.absorb(t, line);
+            }
+        }
+        eprintln!("e2e: vmm exited with {:?} after {:.1}s", out.status, out.elapsed.as_secs_f64());
+        out
+    }
+}
+
+/// What a guest run produced.
+#[derive(Debug, Default)]
+pub struct GuestOutput {
+    /// Exit status; `None` if the run timed out and was killed.
+    pub status: Option<ExitStatus>,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+    /// Serial console lines.
+    pub serial: Vec<String>,
+    /// VMM stderr lines.
+    pub stderr: Vec<String>,
+    /// Time from VMM start to `GUEST_INIT_REACHED`.
+    pub init_reached: Option<Duration>,
+    /// Time from VMM start to `GUEST_DONE`.
+    pub done: Option<Duration>,
+    /// `GUEST_FACT` values by key (a repeated key keeps every value).
+    pub facts: BTreeMap<String, Vec<String>>,
+    /// `GUEST_CHECK` results: name → (passed, detail).
+    pub checks: BTreeMap<String, (bool, String)>,
+}
+
+impl GuestOutput {
+    fn absorb(&mut self, t: Duration, line: String) {
+        // The marker may follow other console output on the same line.
+        if line.contains("GUEST_INIT_REACHED") && self.init_reached.is_none() {
+            self.init_reached = Some(t);
+        }
+        if let Some(rest) = line.split("GUEST_FACT ").nth(1) {
+            if let Some((k, v)) = rest.split_once('=') {
+                self.facts.entry(k.trim().to_owned()).or_default().push(v.trim().to_owned());
+            }
+        }
+        if let Some(rest) = line.split("GUEST_CHECK ").nth(1) {
+            let mut parts = rest.splitn(3, ' ');
+            let name = parts.next().unwrap_or("").to_owned();
+            let passed = parts.next() == Some("PASS");
+            let detail = parts.next().unwrap_or("").to_owned();
+            self.checks.insert(name, (passed, detail));
+        }
+        if line.contains("GUEST_DONE") && self.done.is_none() {
+            self.done = Some(t);
+        }
+        self.serial.push(line);
+    }
+
+    /// The full transcript, for failure messages.
+    pub fn transcript(&self) -> String {
+        let mut s = String::from("---- serial ----\n");
+        for l in &self.serial {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s.push_str("---- vmm stderr ----\n");
+        for l in &self.stderr {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// The single value of a fact, failing with the transcript if absent.
+    pub fn fact(&self, key: &str) -> &str {
+        match self.facts.get(key).and_then(|v| v.first()) {
+            Some(v) => v,
+            None => panic!("guest reported no fact {key}\n{}", self.transcript()),
+        }
+    }
+
+    /// Asserts the VMM exited 0 after the guest agent finished with every check passing.
+    pub fn assert_clean_poweroff(&self) {
+        assert!(self.status.is_some(), "vmm timed out\n{}", self.transcript());
+        assert!(self.init_reached.is_some(), "guest never reached init\n{}", self.transcript());
+        assert!(self.done.is_some(), "guest agent never finished\n{}", self.transcript());
+        let failed: Vec<_> = self.checks.iter().filter(|(_, (ok, _))| !ok).collect();
+        assert!(failed.is_empty(), "guest checks failed: {failed:?}\n{}", self.transcript());
+        assert_eq!(
+            self.status.and_then(|s| s.code()),
+            Some(0),
+            "vmm did not exit 0 after power-off\n{}",
+            self.transcript()
+        );
+    }
+
+    /// Asserts a named guest check ran and passed.
+    pub fn assert_check(&self, name: &str) {
+        match self.checks.get(name) {
+            Some((true, _)) => {}
+            Some((false, d)) => panic!("guest check {name} failed: {d}\n{}", self.transcript()),
+            None => panic!("guest check {name} did not run\n{}", self.transcript()),
+        }
+    }
+
+    /// A one-line timing summary for the test log.
+    pub fn timing(&self) -> String {
+        let secs = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+        format!(
+            "init_reached={} guest_done={} vmm_exit={:.1}s",
+            secs(self.init_reached),
+            secs(self.done),
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
