@@ -40,6 +40,12 @@ pub fn filter_cpuid(entries: &mut [kvm_cpuid_entry2], topo: VcpuTopology) {
             }
             // Extended topology: EDX is the x2APIC ID of this logical processor.
             0xb | 0x1f => e.edx = id,
+            // AMD extended APIC ID (EAX) and core ID (EBX[7:0]), one thread per core.
+            0x8000_001e => {
+                e.eax = id;
+                e.ebx = (e.ebx & !0xff) & !0xff00 | id;
+                e.ecx &= !0x7ff;
+            }
             // Deterministic cache parameters: EAX[31:26] = cores per package - 1.
             4 => {
                 e.eax &= 0x03ff_ffff;

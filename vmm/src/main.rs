@@ -12,8 +12,12 @@ fn print_error_chain(err: &dyn std::error::Error) {
     let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
+        // Some libraries (linux-loader) repeat their source's text in their own message.
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
         source = s.source();
     }
     eprintln!("vmm: error: {msg}");
@@ -40,10 +44,16 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // clap's message spans several lines (usage, hint); keep the first.
+            // clap's message spans several lines (details, usage, hint): keep what comes
+            // before the usage, joined into one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vmm: error: {}", first.trim_start_matches("error: ").trim());
+            let msg: Vec<_> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("vmm: error: {}", msg.join(" "));
             return ExitCode::from(2);
         }
     };

@@ -206,6 +206,17 @@ pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .expect("an mmap region always has a host address");
+        // Back guest RAM with transparent huge pages where the host allows it (as QEMU and
+        // Cloud Hypervisor do): fewer host page faults and TLB misses for the guest.
+        // SAFETY: the range is exactly this region's own anonymous mapping; MADV_HUGEPAGE only
+        // changes how the kernel backs it and never invalidates its contents.
+        let rc = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
