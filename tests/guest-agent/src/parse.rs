@@ -197,15 +197,27 @@ pub fn fio_args(value: &str) -> Vec<String> {
         .collect()
 }
 
-/// IOPS from one line of fio's terse output (version 3): `(job name, read IOPS, write IOPS)`.
-/// Field numbers from fio's HOWTO ("Terse output"): 3 = jobname, 8 = read IOPS,
-/// 49 = write IOPS (1-based).
+/// IOPS from one line of fio's terse output: `(job name, read IOPS, write IOPS)`.
+/// Field numbers (0-based) from fio's stat.c, show_thread_status_terse_all(): 0 = terse
+/// version, 2 = job name, 5.. = read status (41 fields in versions 3 and 4, 47 in version 5,
+/// its IOPS third), then the write status in the same layout.
 pub fn fio_terse_iops(line: &str) -> Option<(&str, u64, u64)> {
     let f: Vec<&str> = line.trim().split(';').collect();
-    if f.len() < 49 || f[0] != "3" {
+    let ddir_fields = match *f.first()? {
+        "3" | "4" => 41,
+        "5" => 47,
+        _ => return None,
+    };
+    let read_iops = 5 + 2;
+    let write_iops = read_iops + ddir_fields;
+    if f.len() <= write_iops {
         return None;
     }
-    Some((f[2], f[7].parse().ok()?, f[48].parse().ok()?))
+    Some((
+        f[2],
+        f[read_iops].parse().ok()?,
+        f[write_iops].parse().ok()?,
+    ))
 }
 
 /// Replaces line breaks so a value stays on its `GUEST_FACT` line.
@@ -324,6 +336,10 @@ ERR:          0
         fields[48] = "7";
         let line = fields.join(";");
         assert_eq!(fio_terse_iops(&line), Some(("r", 5, 7)));
+        fields[0] = "5";
+        fields[48] = "0";
+        fields[54] = "9";
+        assert_eq!(fio_terse_iops(&fields.join(";")), Some(("r", 5, 9)));
         assert_eq!(fio_terse_iops("fio: some error"), None);
     }
 
