@@ -149,12 +149,12 @@ pub mod mmio;
 /// straight guest RAM otherwise.
 pub fn device_memory(mem: GuestMemoryMmap, iommu: Option<iommu::EndpointIommu>) -> DeviceMemory {
     match iommu {
-        Some(i) => vm_memory::IommuMemory::new(mem, i, true, Default::default()),
+        Some(i) => vm_memory::IommuMemory::new(mem, i, true, ()),
         None => vm_memory::IommuMemory::new(
             mem,
             iommu::EndpointIommu::passthrough(),
             false,
-            Default::default(),
+            (),
         ),
     }
 }
