@@ -64,7 +64,7 @@ check_host_packages() {
         dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing+=("$p")
     done <"$PACKAGES_FILE"
     if ((${#missing[@]})); then
-        die "missing Debian packages (apt-get install $(tr '\n' ' ' <"$PACKAGES_FILE")): ${missing[*]}"
+        die "missing Debian packages: ${missing[*]} (apt-get install \$(cat $PACKAGES_FILE))"
     fi
     command -v cargo >/dev/null || die "cargo not found (the guest agent needs a Rust toolchain)"
 }
