@@ -7,6 +7,7 @@ use vm_memory::iommu::{Error as IommuError, Iommu, Iotlb, IotlbIterator};
 use vm_memory::GuestAddress;
 use vm_memory::Permissions;
 
+pub mod mapping;
 pub mod protocol;
 
 /// The IOMMU as one endpoint sees it: an IOTLB filled from the endpoint's domain mappings.
