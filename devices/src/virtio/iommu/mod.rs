@@ -1,27 +1,300 @@
-//! virtio-iommu (STUB: being written; the public surface below is the contract).
+// SPDX-License-Identifier: Apache-2.0
 
-use std::ops::Deref;
-use std::sync::{RwLock, RwLockReadGuard};
+//! virtio-iommu (virtio 1.2 §5.13) and the per-endpoint translation it gives device models.
+//!
+//! # Pieces
+//!
+//! - [`VirtioIommu`] ([`device`]): the virtio device. Its request queue takes ATTACH, DETACH,
+//!   MAP, UNMAP and PROBE from the guest driver; its event queue carries fault reports.
+//! - [`MappingState`] ([`mapping`]): the authoritative state (domains, mappings, endpoint
+//!   attachments, the `bypass` switch), behind one mutex shared by the device and every
+//!   endpoint.
+//! - [`EndpointIommu`]: one endpoint's view, handed to a device model inside its
+//!   [`DeviceMemory`](super::DeviceMemory) (`vm_memory::IommuMemory`). It owns the endpoint's
+//!   `Iotlb`; [`VirtioIommu::endpoint`] registers an endpoint ID and returns its handle, and
+//!   [`EndpointIommu::passthrough`] is for devices not behind the IOMMU.
+//! - [`protocol`]: the wire format.
+//!
+//! # Translation
+//!
+//! Every guest-memory access of an endpoint goes through `IommuMemory`, which calls
+//! [`Iommu::translate`]. That looks the range up in the endpoint's IOTLB; on a miss (or a
+//! permission failure) it locks the mapping state, asks [`MappingState::translate`] for the
+//! covering mappings (or the identity, when the endpoint bypasses), fills the IOTLB and looks
+//! up again. If the state says the access is not allowed, the fault is recorded (counters,
+//! a bounded queue of pending [`VirtioIommuFault`]s, and a write to
+//! [`VirtioIommu::fault_eventfd`]) and the access fails, which fails the device's request.
+//!
+//! MAP needs no invalidation: a miss refills. UNMAP, DETACH, ATTACH (moving an endpoint out
+//! of bypass or out of another domain), clearing `bypass`, and device reset all restrict
+//! translations: the device drops the affected IOTLB entries while it still holds the state
+//! mutex (so no endpoint can refill a stale entry), releases the mutex, and then waits for the
+//! affected endpoints' in-flight requests (below) before it publishes the request's used
+//! buffer.
+//!
+//! # Request-guard contract for device models
+//!
+//! A translation hands the device model host pointers (`VolatileSlice`s) that stay valid after
+//! the IOTLB entry is gone. So that "UNMAP completed" means "no device thread still uses the
+//! old translation" (virtio-iommu brief F.2), a device model behind the IOMMU must:
+//!
+//! 1. Hold [`EndpointIommu::begin_request`]'s [`RequestGuard`] from the moment it starts
+//!    translating addresses for one request (popping the descriptor chain) until it has
+//!    finished every access for that request (the used-ring update included), for example:
+//!    `let _guard = mem.iommu().begin_request();` at the top of one request's processing, or
+//!    around one pass of `process_queue`.
+//! 2. Not keep translated slices or addresses after dropping the guard.
+//! 3. Not hold the guard while blocking on something that can wait for the IOMMU (the guest,
+//!    another device, an unbounded I/O wait): UNMAP/DETACH wait for every guard of the
+//!    endpoints they affect, and the guest vCPU waiting for the UNMAP spins with interrupts
+//!    off. Take one guard at a time per endpoint (never nest `begin_request`), and do not
+//!    keep an `IotlbIterator` (a `get_slices` iterator) alive across another access to the
+//!    same memory.
+//!
+//! A device model that ignores the guard still gets translated and permission-checked
+//! accesses; it only loses the guarantee that a translation fetched before an UNMAP is not
+//! used after it.
+//!
+//! # Locks, outermost first
+//!
+//! endpoint registry (`VirtioIommu`) → mapping state → an endpoint's IOTLB → fault queue.
+//! A device thread takes its request guard first, then (on a miss) the mapping state and its
+//! IOTLB, never holding the IOTLB while waiting for the state. The IOMMU waits for request
+//! guards only after releasing the registry and the state.
 
-use vm_memory::iommu::{Error as IommuError, Iommu, Iotlb, IotlbIterator};
-use vm_memory::GuestAddress;
-use vm_memory::Permissions;
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use log::{debug, warn};
+use vm_memory::iommu::{Error as IommuError, Iommu, IotlbIterator, IovaRange};
+use vm_memory::{GuestAddress, Iotlb, Le32, Le64, Permissions};
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod device;
 pub mod mapping;
 pub mod protocol;
+
+#[cfg(test)]
+mod tests;
+
+pub use device::{IommuStats, VirtioIommu, VirtioIommuError};
+pub use mapping::{MappingLimits, MappingState};
+pub use protocol::VirtioIommuFault;
+
+use mapping::{Fault, IotlbEntry, IDENTITY};
+
+/// Pending fault reports kept while the driver supplies no event buffers; more are dropped
+/// (and counted).
+pub const MAX_PENDING_FAULTS: usize = 64;
+
+/// How many times a translation refills the IOTLB before giving up (each retry means an
+/// invalidation raced with the fill; the state is re-read every time).
+const MAX_FILL_ATTEMPTS: usize = 4;
+
+/// Guest-triggerable events logged at `warn!` before dropping to `debug!`.
+const WARN_BUDGET: u64 = 16;
+
+/// Locks a mutex, recovering from poisoning: state is kept consistent by every holder, and a
+/// panicked thread must not take the IOMMU down for everybody else.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Logs at `warn!` the first [`WARN_BUDGET`] times, then at `debug!`: for events a guest can
+/// trigger in a loop.
+#[derive(Debug, Default)]
+struct RateLimitedWarn(AtomicU64);
+
+impl RateLimitedWarn {
+    fn log(&self, args: fmt::Arguments<'_>) {
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        if n < WARN_BUDGET {
+            warn!("{args}");
+            if n + 1 == WARN_BUDGET {
+                warn!("virtio-iommu: further messages of this kind are logged at debug level");
+            }
+        } else {
+            debug!("{args}");
+        }
+    }
+}
+
+/// Counters updated from any thread.
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    events_delivered: AtomicU64,
+    events_dropped: AtomicU64,
+}
+
+/// State shared by the device and every endpoint handle.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<MappingState>,
+    pending_faults: Mutex<VecDeque<VirtioIommuFault>>,
+    fault_evt: EventFd,
+    counters: Counters,
+    fault_log: RateLimitedWarn,
+}
+
+impl Shared {
+    fn new(state: MappingState, fault_evt: EventFd) -> Self {
+        Shared {
+            state: Mutex::new(state),
+            pending_faults: Mutex::new(VecDeque::new()),
+            fault_evt,
+            counters: Counters::default(),
+            fault_log: RateLimitedWarn::default(),
+        }
+    }
+
+    /// Queues a fault report for the event queue and wakes the device's worker.
+    fn record_fault(&self, endpoint: u32, fault: Fault) {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        self.fault_log.log(format_args!(
+            "virtio-iommu: endpoint {endpoint} fault at {:#x} (reason {}, flags {:#x})",
+            fault.address, fault.reason, fault.flags
+        ));
+        {
+            let mut pending = lock(&self.pending_faults);
+            if pending.len() >= MAX_PENDING_FAULTS {
+                self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            pending.push_back(VirtioIommuFault {
+                reason: fault.reason,
+                reserved: [0; 3],
+                flags: Le32::from(fault.flags),
+                endpoint: Le32::from(endpoint),
+                reserved1: Le32::from(0),
+                address: Le64::from(fault.address),
+            });
+        }
+        if let Err(e) = self.fault_evt.write(1) {
+            warn!("virtio-iommu: cannot signal the fault eventfd: {e}");
+        }
+    }
+}
+
+/// Held by a device model while it processes one request; see the
+/// [request-guard contract](self#request-guard-contract-for-device-models).
+#[must_use = "the guard only protects the request while it is held"]
+#[derive(Debug)]
+pub struct RequestGuard<'a> {
+    _guard: RwLockReadGuard<'a, ()>,
+}
+
+#[derive(Debug)]
+struct EndpointInner {
+    /// Endpoint ID (0 and meaningless for pass-through handles).
+    id: u32,
+    iotlb: RwLock<Iotlb>,
+    /// Read-held by device threads for the duration of a request; write-acquired by the
+    /// device after an invalidation, to wait for those requests.
+    requests: RwLock<()>,
+    /// `None`: pass-through handle, identity translation.
+    shared: Option<Arc<Shared>>,
+    lookups: AtomicU64,
+    fills: AtomicU64,
+}
 
 /// The IOMMU as one endpoint sees it: an IOTLB filled from the endpoint's domain mappings.
 /// A cheap handle (clones share state): `IommuMemory` owns one, the virtio-iommu device keeps
 /// another to invalidate it.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EndpointIommu {
-    iotlb: RwLock<Iotlb>,
+    inner: Arc<EndpointInner>,
+}
+
+impl Default for EndpointIommu {
+    fn default() -> Self {
+        Self::passthrough()
+    }
 }
 
 impl EndpointIommu {
-    /// An IOMMU that is never consulted (for `IommuMemory` with the IOMMU disabled).
+    /// An IOMMU that is never consulted (for `IommuMemory` with the IOMMU disabled). If it is
+    /// consulted anyway it translates 1:1.
     pub fn passthrough() -> Self {
-        Self::default()
+        Self::with_shared(0, None)
+    }
+
+    fn with_shared(id: u32, shared: Option<Arc<Shared>>) -> Self {
+        EndpointIommu {
+            inner: Arc::new(EndpointInner {
+                id,
+                iotlb: RwLock::new(Iotlb::new()),
+                requests: RwLock::new(()),
+                shared,
+                lookups: AtomicU64::new(0),
+                fills: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The endpoint ID, or `None` for a pass-through handle.
+    pub fn endpoint_id(&self) -> Option<u32> {
+        self.inner.shared.as_ref().map(|_| self.inner.id)
+    }
+
+    /// Marks the start of one request's processing; hold the guard until the request's last
+    /// guest-memory access. See the
+    /// [request-guard contract](self#request-guard-contract-for-device-models).
+    pub fn begin_request(&self) -> RequestGuard<'_> {
+        RequestGuard {
+            _guard: read(&self.inner.requests),
+        }
+    }
+
+    /// Whether two handles refer to the same endpoint state.
+    pub fn same_endpoint(&self, other: &EndpointIommu) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Drops IOTLB entries: the ranges `(iova, length)`, or everything. Callers hold the
+    /// mapping-state mutex so that no translation refills a stale entry meanwhile.
+    fn invalidate(&self, ranges: Option<&[(u64, u64)]>) {
+        let mut tlb = write(&self.inner.iotlb);
+        match ranges {
+            None => tlb.invalidate_all(),
+            Some(ranges) => {
+                for &(iova, len) in ranges {
+                    // `Iotlb` ranges end at `iova + len`, which must not overflow.
+                    let len = len.min(u64::MAX - iova);
+                    tlb.invalidate_mapping(
+                        GuestAddress(iova),
+                        usize::try_from(len).unwrap_or(usize::MAX),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits until every request that holds a [`RequestGuard`] of this endpoint has finished.
+    fn wait_for_requests(&self) {
+        drop(write(&self.inner.requests));
+    }
+
+    fn fill(tlb: &mut Iotlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {
+        for e in entries {
+            tlb.set_mapping(
+                GuestAddress(e.iova),
+                GuestAddress(e.phys),
+                usize::try_from(e.len).unwrap_or(usize::MAX),
+                e.perm,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -34,11 +307,62 @@ impl Iommu for EndpointIommu {
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        let guard = self.iotlb.read().unwrap_or_else(|e| e.into_inner());
-        let _ = guard.deref();
-        Iotlb::lookup(guard, iova, length, access).map_err(|_| IommuError::CannotResolve {
-            iova_range: vm_memory::iommu::IovaRange { base: iova, length },
-            reason: "stub".into(),
-        })
+        let inner = &*self.inner;
+        let cannot = |reason: &str| IommuError::CannotResolve {
+            iova_range: IovaRange { base: iova, length },
+            reason: reason.into(),
+        };
+        inner.lookups.fetch_add(1, Ordering::Relaxed);
+
+        // `Iotlb::lookup` computes `iova + length`; it must not wrap.
+        let fits = u64::try_from(length)
+            .ok()
+            .and_then(|l| iova.0.checked_add(l))
+            .is_some();
+        if !fits {
+            if let Some(shared) = &inner.shared {
+                shared.record_fault(
+                    inner.id,
+                    Fault {
+                        reason: protocol::VIRTIO_IOMMU_FAULT_R_MAPPING,
+                        flags: mapping::access_fault_flags(access)
+                            | protocol::VIRTIO_IOMMU_FAULT_F_ADDRESS,
+                        address: iova.0,
+                    },
+                );
+            }
+            return Err(cannot("access wraps around the address space"));
+        }
+
+        for _ in 0..MAX_FILL_ATTEMPTS {
+            if let Ok(hit) = Iotlb::lookup(read(&inner.iotlb), iova, length, access) {
+                return Ok(hit);
+            }
+            let Some(shared) = &inner.shared else {
+                Self::fill(&mut write(&inner.iotlb), &[IDENTITY])?;
+                continue;
+            };
+            // Fill while holding the state mutex: an invalidation (which also holds it) then
+            // either happens before (and we fill the new state) or after (and drops our fill).
+            let state = lock(&shared.state);
+            match state.translate(inner.id, iova.0, length as u64, access) {
+                Ok(entries) => {
+                    Self::fill(&mut write(&inner.iotlb), &entries)?;
+                    inner.fills.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(fault) => {
+                    drop(state);
+                    shared.record_fault(inner.id, fault);
+                    return Err(cannot(
+                        if fault.reason == protocol::VIRTIO_IOMMU_FAULT_R_DOMAIN {
+                            "endpoint is not attached to a domain"
+                        } else {
+                            "no mapping with the required permissions"
+                        },
+                    ));
+                }
+            }
+        }
+        Err(cannot("IOTLB invalidated during every refill"))
     }
 }

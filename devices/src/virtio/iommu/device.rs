@@ -1,0 +1,703 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The virtio-iommu device model: configuration space, request queue, event queue.
+//!
+//! # Request framing
+//!
+//! A request is one descriptor chain: device-readable descriptors holding the head and body,
+//! then device-writable descriptors for the reply (PROBE properties, then the 4-byte tail).
+//! The device writes the tail where the request layout puts it (right after `probe_size`
+//! bytes of properties for PROBE, at the start of the writable part otherwise), or at the end
+//! of the writable part if that is shorter; everything before the tail is written too (zeros
+//! unless PROBE succeeded), and the used length counts all of it. Linux copies the reply back
+//! only when the used length equals the writable length it supplied (virtio-iommu brief A.6),
+//! so a well-formed request always gets exactly that.
+//!
+//! Malformed requests (none of them panic or write outside the chain):
+//!
+//! | Problem | Reply |
+//! |---|---|
+//! | fewer than 4 writable bytes, or a writable descriptor outside guest memory | none, used length 0 (no tail to write, §5.13.6) |
+//! | unknown request type | none, used length 0 (§5.13.6.1: "SHOULD NOT write the buffer") |
+//! | readable part shorter than the head, a readable descriptor outside guest memory, or a readable descriptor after a writable one | DEVERR |
+//! | body shorter or longer than the type's layout | INVAL |
+//! | PROBE whose property space is not exactly `probe_size` bytes | INVAL, no property written |
+//! | MAP or UNMAP without `VIRTIO_IOMMU_F_MAP_UNMAP` negotiated | UNSUPP |
+//!
+//! Semantic errors get the statuses documented on [`MappingState`]'s operations. Linux ignores
+//! the status of MAP and UNMAP, so their failures are also logged at `warn!` (rate-limited).
+
+use std::collections::BTreeMap;
+use std::mem::size_of;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::{ByteValued, Le16, Le64};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mapping::{
+    Invalidation, MappingLimits, MappingState, ReqError, MSI_IOVA_END, MSI_IOVA_START,
+};
+use super::protocol::*;
+use super::{lock, EndpointIommu, RateLimitedWarn, Shared};
+use crate::virtio::{
+    ActivateError, DeviceMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU,
+};
+
+/// Index of the request queue.
+pub const REQUEST_QUEUE: usize = 0;
+/// Index of the event queue.
+pub const EVENT_QUEUE: usize = 1;
+/// Queue sizes: a large request queue lets Linux batch MAP/UNMAP between kicks (brief E.1);
+/// the driver fills the event queue with one 24-byte buffer per slot.
+const QUEUE_SIZES: &[u16] = &[1024, 64];
+
+/// Page sizes: 4 KiB granule, 2 MiB and 1 GiB as hints (brief F.1).
+pub const PAGE_SIZE_MASK: u64 = 0x1000 | 0x20_0000 | 0x4000_0000;
+/// Bytes of property space in a PROBE reply (one RESV_MEM property needs 24).
+pub const PROBE_SIZE: u32 = 512;
+
+/// Features offered. Not `VIRTIO_F_ACCESS_PLATFORM`: the IOMMU does not sit behind itself.
+pub const AVAIL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_IOMMU_F_INPUT_RANGE)
+    | (1 << VIRTIO_IOMMU_F_DOMAIN_RANGE)
+    | (1 << VIRTIO_IOMMU_F_MAP_UNMAP)
+    | (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG)
+    | (1 << VIRTIO_IOMMU_F_PROBE);
+
+const HEAD_LEN: usize = size_of::<VirtioIommuReqHead>();
+const TAIL_LEN: usize = size_of::<VirtioIommuReqTail>();
+
+/// Rows of [`IommuStats::requests`]: 0 for requests whose type is unknown or could not be
+/// read, else the `VIRTIO_IOMMU_T_*` value.
+pub const STATS_TYPES: usize = 6;
+/// Columns of [`IommuStats::requests`]: the `VIRTIO_IOMMU_S_*` value, or
+/// [`STATS_NO_STATUS`].
+pub const STATS_STATUSES: usize = 10;
+/// Column of [`IommuStats::requests`] for requests returned without a tail (used length 0).
+pub const STATS_NO_STATUS: usize = 9;
+
+/// Why the device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioIommuError {
+    /// `eventfd(2)` failed.
+    #[error("Cannot create the fault eventfd")]
+    FaultEventFd(#[source] std::io::Error),
+}
+
+/// A snapshot of the device's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IommuStats {
+    /// Completed requests: `requests[type][status]`, see [`STATS_TYPES`] and
+    /// [`STATS_STATUSES`].
+    pub requests: [[u64; STATS_STATUSES]; STATS_TYPES],
+    /// Live domains.
+    pub domains: u64,
+    /// Live mappings.
+    pub mappings: u64,
+    /// Endpoint translations (IOTLB lookups).
+    pub iotlb_lookups: u64,
+    /// IOTLB fills from the mapping state (misses that resolved).
+    pub iotlb_fills: u64,
+    /// Endpoint accesses that faulted.
+    pub faults: u64,
+    /// Fault reports written to the event queue.
+    pub events_delivered: u64,
+    /// Fault reports dropped because [`super::MAX_PENDING_FAULTS`] were already pending.
+    pub events_dropped: u64,
+}
+
+impl IommuStats {
+    /// Requests of `type_` (`VIRTIO_IOMMU_T_*`, or 0 for unknown) that completed with
+    /// `status` (`VIRTIO_IOMMU_S_*`, or [`STATS_NO_STATUS`]).
+    pub fn requests_with(&self, type_: u8, status: usize) -> u64 {
+        self.requests
+            .get(usize::from(type_))
+            .and_then(|row| row.get(status))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// All requests of `type_`, whatever their status.
+    pub fn requests_of(&self, type_: u8) -> u64 {
+        self.requests
+            .get(usize::from(type_))
+            .map_or(0, |row| row.iter().sum())
+    }
+}
+
+struct Active {
+    mem: DeviceMemory,
+    queues: Vec<Queue>,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// The virtio-iommu device; see the [module docs](super).
+pub struct VirtioIommu {
+    shared: Arc<Shared>,
+    /// Handles of registered endpoints, to invalidate their IOTLBs.
+    endpoints: Mutex<BTreeMap<u32, EndpointIommu>>,
+    acked_features: u64,
+    active: Option<Active>,
+    requests: [[u64; STATS_STATUSES]; STATS_TYPES],
+    map_log: RateLimitedWarn,
+}
+
+impl std::fmt::Debug for VirtioIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioIommu")
+            .field("acked_features", &self.acked_features)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to write back for one request: `status` after `props` (zeros unless PROBE succeeded).
+struct Reply {
+    status: u8,
+    props: Vec<u8>,
+}
+
+impl Reply {
+    fn status(status: u8) -> Self {
+        Reply {
+            status,
+            props: Vec::new(),
+        }
+    }
+}
+
+impl From<Result<(), ReqError>> for Reply {
+    fn from(r: Result<(), ReqError>) -> Self {
+        Reply::status(r.map_or_else(ReqError::status, |()| VIRTIO_IOMMU_S_OK))
+    }
+}
+
+/// Splits an operation's result into the request outcome and the invalidation to apply.
+fn split(r: Result<Invalidation, ReqError>) -> (Result<(), ReqError>, Invalidation) {
+    match r {
+        Ok(inv) => (Ok(()), inv),
+        Err(e) => (Err(e), Invalidation::default()),
+    }
+}
+
+/// Whether no device-readable descriptor follows a device-writable one (virtio 1.2 §2.7.4.2).
+fn readable_before_writable(chain: DescriptorChain<&DeviceMemory>) -> bool {
+    let mut seen_writable = false;
+    for desc in chain {
+        if desc.is_write_only() {
+            seen_writable = true;
+        } else if seen_writable {
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads a request body that must fill the rest of the readable part exactly.
+fn read_body<T: ByteValued>(reader: &mut Reader<'_>) -> Result<T, ReqError> {
+    if reader.available_bytes() != size_of::<T>() {
+        debug!(
+            "virtio-iommu: request body is {} bytes, expected {}",
+            reader.available_bytes(),
+            size_of::<T>()
+        );
+        return Err(ReqError::Inval);
+    }
+    reader.read_obj::<T>().map_err(|e| {
+        debug!("virtio-iommu: cannot read request body: {e}");
+        ReqError::DevErr
+    })
+}
+
+fn type_name(type_: u8) -> &'static str {
+    match type_ {
+        VIRTIO_IOMMU_T_ATTACH => "ATTACH",
+        VIRTIO_IOMMU_T_DETACH => "DETACH",
+        VIRTIO_IOMMU_T_MAP => "MAP",
+        VIRTIO_IOMMU_T_UNMAP => "UNMAP",
+        VIRTIO_IOMMU_T_PROBE => "PROBE",
+        _ => "unknown",
+    }
+}
+
+impl VirtioIommu {
+    /// A device with [`MappingLimits::default`].
+    pub fn new() -> Result<Self, VirtioIommuError> {
+        Self::with_limits(MappingLimits::default())
+    }
+
+    /// A device enforcing `limits` (and advertising their input and domain ranges).
+    pub fn with_limits(limits: MappingLimits) -> Result<Self, VirtioIommuError> {
+        let fault_evt = EventFd::new(EFD_NONBLOCK).map_err(VirtioIommuError::FaultEventFd)?;
+        Ok(VirtioIommu {
+            shared: Arc::new(Shared::new(MappingState::new(limits), fault_evt)),
+            endpoints: Mutex::new(BTreeMap::new()),
+            acked_features: 0,
+            active: None,
+            requests: [[0; STATS_STATUSES]; STATS_TYPES],
+            map_log: RateLimitedWarn::default(),
+        })
+    }
+
+    /// Registers endpoint `id` (the ID in VIOT / the DT `iommus` property) as one the guest
+    /// may attach, and returns its handle for the device model's
+    /// [`device_memory`](crate::virtio::device_memory). Calling it again with the same ID
+    /// returns a handle to the same endpoint.
+    pub fn endpoint(&self, id: u32) -> EndpointIommu {
+        let mut registry = lock(&self.endpoints);
+        if let Some(h) = registry.get(&id) {
+            return h.clone();
+        }
+        lock(&self.shared.state).add_endpoint(id);
+        let h = EndpointIommu::with_shared(id, Some(self.shared.clone()));
+        registry.insert(id, h.clone());
+        h
+    }
+
+    /// Written whenever an endpoint records a fault. The VMM's worker calls
+    /// `process_queue(EVENT_QUEUE)` when it is readable; that reads (resets) the eventfd and
+    /// moves pending faults into event-queue buffers.
+    pub fn fault_eventfd(&self) -> &EventFd {
+        &self.shared.fault_evt
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> IommuStats {
+        let (lookups, fills) = lock(&self.endpoints).values().fold((0, 0), |(l, f), h| {
+            (
+                l + h.inner.lookups.load(Ordering::Relaxed),
+                f + h.inner.fills.load(Ordering::Relaxed),
+            )
+        });
+        let (domains, mappings) = {
+            let s = lock(&self.shared.state);
+            (s.domain_count() as u64, s.mapping_count() as u64)
+        };
+        let c = &self.shared.counters;
+        IommuStats {
+            requests: self.requests,
+            domains,
+            mappings,
+            iotlb_lookups: lookups,
+            iotlb_fills: fills,
+            faults: c.faults.load(Ordering::Relaxed),
+            events_delivered: c.events_delivered.load(Ordering::Relaxed),
+            events_dropped: c.events_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The configuration space as the driver sees it now.
+    pub fn config(&self) -> VirtioIommuConfig {
+        let s = lock(&self.shared.state);
+        let l = s.limits();
+        VirtioIommuConfig {
+            page_size_mask: Le64::from(PAGE_SIZE_MASK),
+            input_range: VirtioIommuRange64 {
+                start: l.input_start.into(),
+                end: l.input_end.into(),
+            },
+            domain_range: VirtioIommuRange32 {
+                start: l.domain_start.into(),
+                end: l.domain_end.into(),
+            },
+            probe_size: PROBE_SIZE.into(),
+            bypass: u8::from(s.bypass()),
+            reserved: [0; 3],
+        }
+    }
+
+    fn negotiated(&self, feature: u32) -> bool {
+        self.acked_features & (1 << feature) != 0
+    }
+
+    /// Runs `op` on the mapping state, drops the IOTLB entries it invalidated (state still
+    /// locked, so nothing refills them meanwhile), then, with every lock released, waits for
+    /// the affected endpoints' in-flight requests.
+    fn update<T>(&self, op: impl FnOnce(&mut MappingState) -> (T, Invalidation)) -> T {
+        let (out, affected) = {
+            let registry = lock(&self.endpoints);
+            let mut state = lock(&self.shared.state);
+            let (out, inv) = op(&mut state);
+            let affected: Vec<EndpointIommu> = inv
+                .endpoints
+                .iter()
+                .filter_map(|ep| registry.get(ep).cloned())
+                .collect();
+            for h in &affected {
+                h.invalidate(inv.ranges.as_deref());
+            }
+            (out, affected)
+        };
+        for h in &affected {
+            h.wait_for_requests();
+        }
+        out
+    }
+
+    fn set_bypass(&self, bypass: bool) {
+        self.update(|s| ((), s.set_bypass(bypass)));
+    }
+
+    fn count(&mut self, type_: Option<u8>, status: usize) {
+        let row = type_
+            .map(usize::from)
+            .filter(|&t| t < STATS_TYPES)
+            .unwrap_or(0);
+        if let Some(slot) = self
+            .requests
+            .get_mut(row)
+            .and_then(|r| r.get_mut(status.min(STATS_NO_STATUS)))
+        {
+            *slot += 1;
+        }
+    }
+
+    /// Handles one request chain; returns the used length.
+    fn handle_request(&mut self, mem: &DeviceMemory, chain: DescriptorChain<&DeviceMemory>) -> u32 {
+        let ordered = readable_before_writable(chain.clone());
+        let mut reader = Reader::new(mem, chain.clone())
+            .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
+            .ok();
+        let writer = Writer::new(mem, chain)
+            .map_err(|e| debug!("virtio-iommu: unwritable request: {e}"))
+            .ok();
+        let head: Option<VirtioIommuReqHead> = reader
+            .as_mut()
+            .filter(|r| r.available_bytes() >= HEAD_LEN)
+            .and_then(|r| r.read_obj().ok());
+        let type_ = head.map(|h| h.type_);
+
+        let Some(mut writer) = writer.filter(|w| w.available_bytes() >= TAIL_LEN) else {
+            debug!("virtio-iommu: request has no room for a tail; returned unwritten");
+            self.count(type_, STATS_NO_STATUS);
+            return 0;
+        };
+        let writable = writer.available_bytes();
+
+        let reply = match (ordered, reader.as_mut(), type_) {
+            (false, _, _) => {
+                debug!("virtio-iommu: readable descriptor after a writable one");
+                Reply::status(VIRTIO_IOMMU_S_DEVERR)
+            }
+            (true, None, _) | (true, Some(_), None) => {
+                debug!("virtio-iommu: request head missing or unreadable");
+                Reply::status(VIRTIO_IOMMU_S_DEVERR)
+            }
+            (true, Some(reader), Some(t)) => match t {
+                VIRTIO_IOMMU_T_ATTACH => self.attach(reader).into(),
+                VIRTIO_IOMMU_T_DETACH => self.detach(reader).into(),
+                VIRTIO_IOMMU_T_MAP => self.map(reader).into(),
+                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader).into(),
+                VIRTIO_IOMMU_T_PROBE => self.probe(reader, writable - TAIL_LEN),
+                _ => {
+                    debug!("virtio-iommu: unknown request type {t}; returned unwritten");
+                    self.count(None, STATS_NO_STATUS);
+                    return 0;
+                }
+            },
+        };
+
+        if reply.status != VIRTIO_IOMMU_S_OK {
+            let t = type_.unwrap_or(0);
+            let (name, status) = (type_name(t), reply.status);
+            if t == VIRTIO_IOMMU_T_MAP || t == VIRTIO_IOMMU_T_UNMAP {
+                // Linux never looks at these statuses; make the failure visible here.
+                self.map_log.log(format_args!(
+                    "virtio-iommu: {name} request failed with status {status}"
+                ));
+            } else {
+                debug!("virtio-iommu: {name} request failed with status {status}");
+            }
+        }
+
+        // The tail goes where the layout puts it, or at the end of a too-short writable part.
+        let expected_props = if type_ == Some(VIRTIO_IOMMU_T_PROBE) {
+            PROBE_SIZE as usize
+        } else {
+            0
+        };
+        let tail_at = expected_props.min(writable - TAIL_LEN);
+        let mut buf = vec![0u8; tail_at + TAIL_LEN];
+        let n = reply.props.len().min(tail_at);
+        buf[..n].copy_from_slice(&reply.props[..n]);
+        buf[tail_at] = reply.status;
+        if let Err(e) = std::io::Write::write_all(&mut writer, &buf) {
+            debug!("virtio-iommu: cannot write request reply: {e}");
+            self.count(type_, STATS_NO_STATUS);
+            return 0;
+        }
+        self.count(type_, usize::from(reply.status));
+        // At most PROBE_SIZE + 4 bytes.
+        buf.len() as u32
+    }
+
+    fn attach(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+        let req: VirtioIommuReqAttach = read_body(reader)?;
+        if req.reserved != [0; 4] {
+            return Err(ReqError::Inval);
+        }
+        let (domain, endpoint, flags) = (
+            u32::from(req.domain),
+            u32::from(req.endpoint),
+            u32::from(req.flags),
+        );
+        debug!("virtio-iommu: ATTACH endpoint {endpoint} to domain {domain} flags {flags:#x}");
+        self.update(|s| split(s.attach(domain, endpoint, flags)))
+    }
+
+    fn detach(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+        let req: VirtioIommuReqDetach = read_body(reader)?;
+        let (domain, endpoint) = (u32::from(req.domain), u32::from(req.endpoint));
+        debug!("virtio-iommu: DETACH endpoint {endpoint} from domain {domain}");
+        self.update(|s| split(s.detach(domain, endpoint)))
+    }
+
+    fn map(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+        if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
+            return Err(ReqError::Unsupp);
+        }
+        let req: VirtioIommuReqMap = read_body(reader)?;
+        let (domain, start, end, phys, flags) = (
+            u32::from(req.domain),
+            u64::from(req.virt_start),
+            u64::from(req.virt_end),
+            u64::from(req.phys_start),
+            u32::from(req.flags),
+        );
+        // Nothing to invalidate after a MAP: IOTLB misses refill from the state.
+        lock(&self.shared.state).map(domain, start, end, phys, flags)
+    }
+
+    fn unmap(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+        if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
+            return Err(ReqError::Unsupp);
+        }
+        let req: VirtioIommuReqUnmap = read_body(reader)?;
+        // §5.13.6.6: the device MAY reject a non-zero `reserved` with INVAL; we do, and
+        // leave the mappings alone.
+        if req.reserved != [0; 4] {
+            return Err(ReqError::Inval);
+        }
+        let (domain, start, end) = (
+            u32::from(req.domain),
+            u64::from(req.virt_start),
+            u64::from(req.virt_end),
+        );
+        self.update(|s| split(s.unmap(domain, start, end)))
+    }
+
+    /// PROBE: one RESV_MEM/MSI property for the x86 MSI doorbell window, then zeros (type
+    /// NONE). Without the MSI property Linux invents an ARM-style software MSI window at
+    /// 0x800_0000 (brief A.6).
+    fn probe(&mut self, reader: &mut Reader<'_>, props_len: usize) -> Reply {
+        let req: VirtioIommuReqProbe = match read_body(reader) {
+            Ok(r) => r,
+            Err(e) => return Reply::status(e.status()),
+        };
+        let endpoint = u32::from(req.endpoint);
+        if !lock(&self.shared.state).has_endpoint(endpoint) {
+            return Reply::status(VIRTIO_IOMMU_S_NOENT);
+        }
+        if props_len != PROBE_SIZE as usize {
+            // §5.13.6.7: a property list of the wrong size gets INVAL and no property.
+            debug!("virtio-iommu: PROBE with {props_len} bytes of property space, expected {PROBE_SIZE}");
+            return Reply::status(VIRTIO_IOMMU_S_INVAL);
+        }
+        let msi = VirtioIommuProbeResvMem {
+            head: VirtioIommuProbeProperty {
+                type_: Le16::from(VIRTIO_IOMMU_PROBE_T_RESV_MEM),
+                length: Le16::from(
+                    (size_of::<VirtioIommuProbeResvMem>() - size_of::<VirtioIommuProbeProperty>())
+                        as u16,
+                ),
+            },
+            subtype: VIRTIO_IOMMU_RESV_MEM_T_MSI,
+            reserved: [0; 3],
+            start: Le64::from(MSI_IOVA_START),
+            end: Le64::from(MSI_IOVA_END),
+        };
+        let mut props = vec![0u8; props_len];
+        props[..size_of::<VirtioIommuProbeResvMem>()].copy_from_slice(msi.as_slice());
+        Reply {
+            status: VIRTIO_IOMMU_S_OK,
+            props,
+        }
+    }
+
+    fn process_requests(&mut self, active: &mut Active) {
+        let mut completed = false;
+        while let Some(chain) = active.queues[REQUEST_QUEUE].pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            // Invalidations and the wait for in-flight endpoint requests happen inside, so the
+            // used buffer is published only after the old translations are gone.
+            let len = self.handle_request(&active.mem, chain);
+            if let Err(e) = active.queues[REQUEST_QUEUE].add_used(&active.mem, head, len) {
+                warn!("virtio-iommu: cannot return request {head}: {e}");
+            }
+            completed = true;
+        }
+        if completed {
+            Self::notify(active, REQUEST_QUEUE);
+        }
+    }
+
+    fn process_events(&mut self, active: &mut Active) {
+        let mut completed = false;
+        loop {
+            let Some(fault) = lock(&self.shared.pending_faults).front().copied() else {
+                break;
+            };
+            let Some(chain) = active.queues[EVENT_QUEUE].pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = match Writer::new(&active.mem, chain) {
+                Ok(mut w) if w.available_bytes() >= size_of::<VirtioIommuFault>() => {
+                    w.write_obj(fault).is_ok()
+                }
+                Ok(_) => {
+                    debug!("virtio-iommu: event buffer too small for a fault report");
+                    false
+                }
+                Err(e) => {
+                    debug!("virtio-iommu: unusable event buffer: {e}");
+                    false
+                }
+            };
+            let len = if written {
+                lock(&self.shared.pending_faults).pop_front();
+                self.shared
+                    .counters
+                    .events_delivered
+                    .fetch_add(1, Ordering::Relaxed);
+                size_of::<VirtioIommuFault>() as u32
+            } else {
+                0
+            };
+            if let Err(e) = active.queues[EVENT_QUEUE].add_used(&active.mem, head, len) {
+                warn!("virtio-iommu: cannot return event buffer {head}: {e}");
+            }
+            completed = true;
+        }
+        if completed {
+            Self::notify(active, EVENT_QUEUE);
+        }
+    }
+
+    fn notify(active: &mut Active, index: usize) {
+        match active.queues[index].needs_notification(&active.mem) {
+            Ok(false) => {}
+            Ok(true) => active.interrupt.signal_used_queue(),
+            Err(e) => {
+                debug!("virtio-iommu: queue {index}: cannot check notification suppression: {e}");
+                active.interrupt.signal_used_queue();
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VirtioIommu {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_IOMMU
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        AVAIL_FEATURES
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & AVAIL_FEATURES;
+        lock(&self.shared.state).set_negotiated(
+            self.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG),
+            self.negotiated(VIRTIO_IOMMU_F_PROBE),
+        );
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config();
+        let bytes = config.as_slice();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Only `bypass` is writable, only with BYPASS_CONFIG negotiated, and only with 0 or 1.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            let at = offset.checked_add(i as u64);
+            if at != Some(VIRTIO_IOMMU_CONFIG_BYPASS_OFFSET as u64) {
+                debug!("virtio-iommu: write to read-only config byte {at:?} ignored");
+                continue;
+            }
+            if !self.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
+                debug!("virtio-iommu: bypass written without BYPASS_CONFIG; ignored");
+            } else if b > 1 {
+                debug!("virtio-iommu: invalid bypass value {b} ignored");
+            } else {
+                debug!("virtio-iommu: bypass set to {b}");
+                self.set_bypass(b == 1);
+            }
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: DeviceMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: queues.len(),
+            });
+        }
+        for (i, q) in queues.iter().enumerate() {
+            if q.ready() && !q.is_valid(&mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index == EVENT_QUEUE {
+            // Reset the eventfd first, so a fault recorded from now on wakes the worker again.
+            let _ = self.shared.fault_evt.read();
+        }
+        let Some(mut active) = self.active.take() else {
+            debug!("virtio-iommu: queue {index} notified before activation");
+            return;
+        };
+        match index {
+            REQUEST_QUEUE => self.process_requests(&mut active),
+            EVENT_QUEUE => self.process_events(&mut active),
+            _ => debug!("virtio-iommu: notification for unknown queue {index}"),
+        }
+        self.active = Some(active);
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.update(|s| ((), s.reset()));
+        lock(&self.shared.pending_faults).clear();
+    }
+}
