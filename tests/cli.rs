@@ -20,13 +20,27 @@ fn fake_bzimage() -> String {
 
 /// Runs vmm and asserts: non-zero exit, exactly one stderr line containing `expect`.
 fn assert_one_line_error(args: &[&str], expect: &str) {
-    let out = Command::new(vmm_binary()).args(args).output().expect("run vmm");
+    let out = Command::new(vmm_binary())
+        .args(args)
+        .output()
+        .expect("run vmm");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!out.status.success(), "{args:?} succeeded");
-    assert_eq!(lines.len(), 1, "{args:?}: expected one error line, got:\n{stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: {:?} lacks {expect:?}", lines[0]);
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one error line, got:\n{stderr}"
+    );
+    assert!(
+        lines[0].contains(expect),
+        "{args:?}: {:?} lacks {expect:?}",
+        lines[0]
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty(), "nothing should reach the console");
 }
 
@@ -37,7 +51,10 @@ fn missing_kernel_argument() {
 
 #[test]
 fn kernel_file_does_not_exist() {
-    assert_one_line_error(&["--kernel", "/nonexistent/bzImage"], "Cannot read kernel /nonexistent/bzImage");
+    assert_one_line_error(
+        &["--kernel", "/nonexistent/bzImage"],
+        "Cannot read kernel /nonexistent/bzImage",
+    );
 }
 
 #[test]
@@ -53,46 +70,78 @@ fn kernel_is_not_a_kernel() {
 
 #[test]
 fn zero_cpus() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--cpus", "0"], "--cpus must be between 1 and 254, got 0");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--cpus", "0"],
+        "--cpus must be between 1 and 254, got 0",
+    );
 }
 
 #[test]
 fn cpus_not_a_number() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--cpus", "two"], "invalid value 'two'");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--cpus", "two"],
+        "invalid value 'two'",
+    );
 }
 
 #[test]
 fn memory_too_small() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--memory", "16"], "--memory must be between 64 and");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--memory", "16"],
+        "--memory must be between 64 and",
+    );
 }
 
 #[test]
 fn memory_too_large() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--memory", "999999999"], "--memory must be between 64 and");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--memory", "999999999"],
+        "--memory must be between 64 and",
+    );
 }
 
 #[test]
 fn negative_memory() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--memory", "-5"], "unexpected argument");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--memory", "-5"],
+        "unexpected argument",
+    );
 }
 
 #[test]
 fn initrd_missing() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--initrd", "/nonexistent/initrd"], "Cannot read initrd");
+    assert_one_line_error(
+        &[
+            "--kernel",
+            &fake_bzimage(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        "Cannot read initrd",
+    );
 }
 
 #[test]
 fn unknown_iommu_mode() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--iommu=maybe"], "invalid value 'maybe'");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--iommu=maybe"],
+        "invalid value 'maybe'",
+    );
 }
 
 #[test]
 fn unknown_flag() {
-    assert_one_line_error(&["--kernel", &fake_bzimage(), "--frobnicate"], "unexpected argument '--frobnicate'");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--frobnicate"],
+        "unexpected argument '--frobnicate'",
+    );
 }
 
 #[test]
 fn truncated_bzimage_fails_to_load_without_panic() {
     // Passes the format sniff but linux-loader must refuse it: one line, non-zero exit.
-    assert_one_line_error(&["--kernel", &fake_bzimage()], "Cannot load the guest kernel");
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage()],
+        "Cannot load the guest kernel",
+    );
 }

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 /// Root of the workspace.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 /// The `vmm` binary: `$VMM_BIN`, or the one next to this test's target directory.
@@ -27,7 +30,11 @@ pub fn vmm_binary() -> PathBuf {
     }
     // Test executables live in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("vmm")).expect("target dir");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("vmm"))
+        .expect("target dir");
     assert!(
         bin.exists(),
         "vmm binary not found at {}: run `cargo build` first (or set VMM_BIN)",
@@ -67,7 +74,12 @@ pub fn guest_image() -> GuestImage {
         .arg("--print-dir")
         .output()
         .expect("run resources/guest/build.sh --print-dir");
-    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_owned();
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
     assert!(
         out.status.success() && !dir.is_empty(),
         "test guest is not built: run `bash resources/guest/build.sh` (CI does it in .ci/run)\n{}",
@@ -75,7 +87,10 @@ pub fn guest_image() -> GuestImage {
     );
     let dir = PathBuf::from(dir);
     let host_cmdline = if host_is_pvm() {
-        std::fs::read_to_string(dir.join("cmdline-pvm.txt")).expect("cmdline-pvm.txt").trim().to_owned()
+        std::fs::read_to_string(dir.join("cmdline-pvm.txt"))
+            .expect("cmdline-pvm.txt")
+            .trim()
+            .to_owned()
     } else {
         String::new()
     };
@@ -155,7 +170,9 @@ impl GuestRun {
         let tx2 = tx.clone();
         let out_reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+                let line = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_owned();
                 let _ = tx.send((start.elapsed(), false, line));
             }
         });
@@ -189,7 +206,11 @@ impl GuestRun {
                 out.absorb(t, line);
             }
         }
-        eprintln!("e2e: vmm exited with {:?} after {:.1}s", out.status, out.elapsed.as_secs_f64());
+        eprintln!(
+            "e2e: vmm exited with {:?} after {:.1}s",
+            out.status,
+            out.elapsed.as_secs_f64()
+        );
         out
     }
 }
@@ -223,7 +244,10 @@ impl GuestOutput {
         }
         if let Some(rest) = line.split("GUEST_FACT ").nth(1) {
             if let Some((k, v)) = rest.split_once('=') {
-                self.facts.entry(k.trim().to_owned()).or_default().push(v.trim().to_owned());
+                self.facts
+                    .entry(k.trim().to_owned())
+                    .or_default()
+                    .push(v.trim().to_owned());
             }
         }
         if let Some(rest) = line.split("GUEST_CHECK ").nth(1) {
@@ -264,11 +288,27 @@ impl GuestOutput {
 
     /// Asserts the VMM exited 0 after the guest agent finished with every check passing.
     pub fn assert_clean_poweroff(&self) {
-        assert!(self.status.is_some(), "vmm timed out\n{}", self.transcript());
-        assert!(self.init_reached.is_some(), "guest never reached init\n{}", self.transcript());
-        assert!(self.done.is_some(), "guest agent never finished\n{}", self.transcript());
+        assert!(
+            self.status.is_some(),
+            "vmm timed out\n{}",
+            self.transcript()
+        );
+        assert!(
+            self.init_reached.is_some(),
+            "guest never reached init\n{}",
+            self.transcript()
+        );
+        assert!(
+            self.done.is_some(),
+            "guest agent never finished\n{}",
+            self.transcript()
+        );
         let failed: Vec<_> = self.checks.iter().filter(|(_, (ok, _))| !ok).collect();
-        assert!(failed.is_empty(), "guest checks failed: {failed:?}\n{}", self.transcript());
+        assert!(
+            failed.is_empty(),
+            "guest checks failed: {failed:?}\n{}",
+            self.transcript()
+        );
         assert_eq!(
             self.status.and_then(|s| s.code()),
             Some(0),
@@ -288,7 +328,8 @@ impl GuestOutput {
 
     /// A one-line timing summary for the test log.
     pub fn timing(&self) -> String {
-        let secs = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+        let secs =
+            |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
         format!(
             "init_reached={} guest_done={} vmm_exit={:.1}s",
             secs(self.init_reached),

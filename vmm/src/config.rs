@@ -54,6 +54,10 @@ pub struct Cli {
     /// `intremap`.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub iommu: Option<IommuMode>,
+    /// A raw disk image as a virtio-blk device (repeatable): `PATH[,readonly=on][,iommu=on|off]`.
+    /// Behind the virtio-iommu by default when `--iommu` enables DMA translation.
+    #[arg(long, value_name = "PATH[,readonly=on][,iommu=on|off]")]
+    pub disk: Vec<String>,
     /// Print device and interrupt counters at exit.
     #[arg(long)]
     pub stats: bool,
@@ -72,6 +76,17 @@ pub enum KernelFormat {
     BzImage,
     /// An ELF64 vmlinux.
     Elf,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Image path.
+    pub path: PathBuf,
+    /// Read-only for the guest.
+    pub read_only: bool,
+    /// Behind the virtio-iommu.
+    pub iommu: bool,
 }
 
 /// A validated configuration.
@@ -95,6 +110,8 @@ pub struct VmConfig {
     pub iommu_dma: bool,
     /// Interrupt remapping.
     pub iommu_intremap: bool,
+    /// virtio-blk disks, in order (the first is /dev/vda).
+    pub disks: Vec<DiskConfig>,
     /// Print counters at exit.
     pub stats: bool,
     /// Write counters as JSON.
@@ -143,6 +160,31 @@ pub enum ConfigError {
         /// Upper limit.
         max: u64,
     },
+    /// A `--disk` value is malformed.
+    #[error("Invalid --disk {value:?}: {reason}")]
+    Disk {
+        /// The value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A disk image can't be opened.
+    #[error("Cannot open disk image {path}")]
+    DiskUnreadable {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too many disks for the virtio-mmio IRQ pins.
+    #[error("At most {max} --disk devices are supported, got {got}")]
+    TooManyDisks {
+        /// What was asked.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Command line too long.
     #[error("--cmdline is {len} bytes; the limit is {max}")]
     Cmdline {
@@ -151,6 +193,55 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
+}
+
+/// Parses `PATH[,readonly=on|off][,iommu=on|off]`; `iommu` defaults to `iommu_default`.
+pub fn parse_disk(
+    value: &str,
+    iommu_default: bool,
+    iommu_dma: bool,
+) -> Result<DiskConfig, ConfigError> {
+    let bad = |reason: &str| ConfigError::Disk {
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut parts = value.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("missing path"))?;
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        iommu: iommu_default,
+    };
+    for opt in parts {
+        let (key, val) = opt
+            .split_once('=')
+            .ok_or_else(|| bad("options are key=value"))?;
+        let on = match val {
+            "on" | "true" | "1" => true,
+            "off" | "false" | "0" => false,
+            _ => return Err(bad("values are on or off")),
+        };
+        match key {
+            "readonly" => disk.read_only = on,
+            "iommu" => disk.iommu = on,
+            _ => return Err(bad(&format!("unknown option {key}"))),
+        }
+    }
+    if disk.iommu && !iommu_dma {
+        return Err(bad("iommu=on needs --iommu (or --iommu=dma)"));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(|source| ConfigError::DiskUnreadable {
+            path: disk.path.clone(),
+            source,
+        })?;
+    Ok(disk)
 }
 
 fn sniff_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
@@ -212,6 +303,19 @@ impl VmConfig {
             });
         }
         let mode = cli.iommu.unwrap_or(IommuMode::Off);
+        let iommu_dma = matches!(mode, IommuMode::On | IommuMode::Dma);
+        let max_disks = (layout::IOAPIC_PINS - layout::VIRTIO_IRQ_START - 1) as usize;
+        if cli.disk.len() > max_disks {
+            return Err(ConfigError::TooManyDisks {
+                got: cli.disk.len(),
+                max: max_disks,
+            });
+        }
+        let disks = cli
+            .disk
+            .iter()
+            .map(|d| parse_disk(d, iommu_dma, iommu_dma))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
             kernel: cli.kernel,
             kernel_format,
@@ -220,7 +324,8 @@ impl VmConfig {
             cpus: cli.cpus,
             mem_size: cli.memory << 20,
             dump_tables: cli.dump_tables,
-            iommu_dma: matches!(mode, IommuMode::On | IommuMode::Dma),
+            iommu_dma,
+            disks,
             iommu_intremap: matches!(mode, IommuMode::On | IommuMode::Intremap),
             stats: cli.stats,
             stats_json: cli.stats_json,
@@ -310,6 +415,42 @@ mod tests {
         assert!(matches!(
             parse(&["vmm", "--kernel", k, "--cmdline", &long]),
             Err(ConfigError::Cmdline { .. })
+        ));
+    }
+
+    #[test]
+    fn disk_options_parse_and_default_to_the_iommu() {
+        let img = temp_file("disk.img", &[0u8; 4096]);
+        let p = img.to_str().unwrap();
+        let d = parse_disk(p, true, true).unwrap();
+        assert_eq!((d.read_only, d.iommu), (false, true));
+        let d = parse_disk(&format!("{p},readonly=on,iommu=off"), true, true).unwrap();
+        assert_eq!((d.read_only, d.iommu), (true, false));
+        assert!(!parse_disk(p, false, false).unwrap().iommu);
+    }
+
+    #[test]
+    fn bad_disk_values_are_refused() {
+        let img = temp_file("disk2.img", &[0u8; 4096]);
+        let p = img.to_str().unwrap();
+        for bad in [
+            String::new(),
+            format!("{p},readonly"),
+            format!("{p},color=red"),
+            format!("{p},iommu=maybe"),
+        ] {
+            assert!(
+                matches!(parse_disk(&bad, true, true), Err(ConfigError::Disk { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_disk(&format!("{p},iommu=on"), false, false),
+            Err(ConfigError::Disk { .. })
+        ));
+        assert!(matches!(
+            parse_disk("/nonexistent/disk", false, false),
+            Err(ConfigError::DiskUnreadable { .. })
         ));
     }
 

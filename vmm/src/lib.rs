@@ -10,3 +10,4 @@ pub mod kernel;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
+pub mod worker;

@@ -1,0 +1,114 @@
+//! Device worker threads: one per virtio device, sleeping in epoll on the device's queue
+//! ioeventfds (KVM signals them on a guest QueueNotify write without a VM exit to userspace)
+//! and on any extra notifier the device has (the virtio-iommu's fault eventfd).
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use devices::virtio::VirtioDevice;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Errors starting a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// epoll or eventfd setup failed.
+    #[error("Cannot set up the device worker's epoll")]
+    Epoll(#[source] std::io::Error),
+    /// The thread could not be spawned.
+    #[error("Cannot spawn the device worker thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A running worker; dropping it does not stop it, [`Worker::stop`] does.
+#[derive(Debug)]
+pub struct Worker {
+    stop: Arc<EventFd>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// One eventfd the worker waits on and the queue to process when it fires.
+pub type Notifier = (Arc<EventFd>, usize);
+
+impl Worker {
+    /// Starts a thread that calls `device.process_queue(q)` whenever a notifier for `q` fires.
+    pub fn spawn(
+        name: String,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        notifiers: Vec<Notifier>,
+    ) -> Result<Worker, WorkerError> {
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Epoll)?);
+        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+        let stop_token = notifiers.len() as u64;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, stop_token),
+            )
+            .map_err(WorkerError::Epoll)?;
+        for (i, (fd, _)) in notifiers.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(WorkerError::Epoll)?;
+        }
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(epoll, stop_token, &stop2, &device, &notifiers))
+            .map_err(WorkerError::Spawn)?;
+        Ok(Worker {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run(
+    epoll: Epoll,
+    stop_token: u64,
+    stop: &EventFd,
+    device: &Mutex<dyn VirtioDevice>,
+    notifiers: &[Notifier],
+) {
+    let mut events = vec![EpollEvent::default(); notifiers.len() + 1];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("Device worker epoll failed: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == stop_token {
+                let _ = stop.read();
+                return;
+            }
+            let Some((fd, queue)) = notifiers.get(token as usize) else {
+                continue;
+            };
+            // Reset the eventfd before processing so a notify during processing re-arms it.
+            let _ = fd.read();
+            device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .process_queue(*queue);
+        }
+    }
+}
