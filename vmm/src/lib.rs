@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod device_manager;
 pub mod event_loop;
 pub mod interrupts;
 pub mod kernel;

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::VmConfig;
+use crate::device_manager::{DeviceManager, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
 use crate::interrupts::{InterruptCounters, InterruptError, InterruptManager, IrqfdLine};
 use crate::kernel::{self, KernelError};
@@ -52,6 +53,9 @@ pub enum VmError {
     /// Guest memory allocation failed.
     #[error("Cannot allocate {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// Device creation failed.
+    #[error("Cannot create devices")]
+    Devices(#[source] crate::device_manager::DeviceError),
     /// Interrupt setup failed.
     #[error("Cannot set up interrupts")]
     Interrupts(#[source] InterruptError),
@@ -105,6 +109,8 @@ pub struct RunOutcome {
     pub serial_irqs: u64,
     /// IOAPIC redirection-table writes and EOIs.
     pub ioapic: devices::IoapicStats,
+    /// Virtio device counters.
+    pub devices: DeviceStats,
     /// Wall time from VMM start to stop.
     pub elapsed: Duration,
 }
@@ -233,7 +239,7 @@ pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
 }
 
 /// The platform description the firmware tables are built from.
-fn platform(cfg: &VmConfig) -> PlatformDescription {
+fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
     PlatformDescription {
         num_cpus: cfg.cpus,
         ioapic: IoapicDesc {
@@ -248,15 +254,16 @@ fn platform(cfg: &VmConfig) -> PlatformDescription {
         pm: PmDesc {
             io_base: layout::PM_PORT,
         },
-        virtio_mmio: Vec::new(),
-        iommu: None,
+        virtio_mmio: dm.endpoint_descs(),
+        iommu: dm.iommu_desc(),
         dmar: None,
     }
 }
 
-fn write_acpi(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<u64, VmError> {
-    let tables = firmware_tables::build_acpi(&platform(cfg), layout::ACPI_START, layout::ACPI_SIZE)
-        .map_err(VmError::Acpi)?;
+fn write_acpi(cfg: &VmConfig, dm: &DeviceManager, mem: &GuestMemoryMmap) -> Result<u64, VmError> {
+    let tables =
+        firmware_tables::build_acpi(&platform(cfg, dm), layout::ACPI_START, layout::ACPI_SIZE)
+            .map_err(VmError::Acpi)?;
     for blob in &tables.blobs {
         mem.write_slice(&blob.bytes, GuestAddress(blob.addr))
             .map_err(VmError::WriteAcpi)?;
@@ -402,8 +409,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     )
     .map_err(VmError::Bus)?;
 
+    let mut dm =
+        DeviceManager::new(cfg, &vm, &mem, &mut mmio, &interrupts).map_err(VmError::Devices)?;
+
     // Firmware tables and kernel.
-    let rsdp = write_acpi(cfg, &mem)?;
+    let rsdp = write_acpi(cfg, &dm, &mem)?;
     let boot = kernel::load(cfg, &mem, rsdp).map_err(VmError::Kernel)?;
     kernel::write_boot_tables(&mem, boot.protocol).map_err(VmError::Kernel)?;
 
@@ -439,6 +449,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let reason =
         event_loop::run(exit_wake, &exit_rx, serial.clone(), power).map_err(VmError::EventLoop);
     stop_vcpus(&stop, threads);
+    dm.stop();
     let reason = reason?;
     drain_reason(&exit_rx);
 
@@ -448,6 +459,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         interrupts: interrupts.counters(),
         serial_irqs: serial_line.triggers(),
         ioapic: ioapic_stats,
+        devices: dm.stats(),
         elapsed: started.elapsed(),
     })
 }
