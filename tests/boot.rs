@@ -2,46 +2,19 @@
 //! Each boot takes minutes on the PVM host, so one boot runs several checks.
 
 use std::process::Command;
+use std::time::Duration;
 
-use e2e::{guest_image, GuestRun};
+use e2e::{disk_image, guest_image, image_and_pattern_hash, temp_path, GuestOutput, GuestRun};
 
-/// PVH boot of the ELF vmlinux with 2 vCPUs: the guest sees both CPUs, the serial
-/// interrupt (IOAPIC pin 4 → KVM MSI route → irqfd) counts up, the guest powers off and the
-/// VMM exits 0. The same run dumps the ACPI tables, which must decompile with `iasl -d`.
-#[test]
-fn vmlinux_boots_smp_guest_to_init_and_powers_off() {
-    let image = guest_image();
-    let tables = std::env::temp_dir().join(format!("vmm-boot-tables-{}", std::process::id()));
-    let mut run = GuestRun::new(&image, &image.vmlinux, "cpus,serial-irq,interrupts");
-    run.cpus = 2;
-    run.args = vec![
-        "--dump-tables".into(),
-        tables.to_str().unwrap().into(),
-        "--stats".into(),
-    ];
-    let out = run.run();
-    println!("BOOT_TIME vmlinux/pvh 2 vCPUs: {}", out.timing());
-    out.assert_clean_poweroff();
+/// Bytes the guest agent's `disk` check writes (its default, 8 MiB) and its default seed.
+const DISK_BYTES: u64 = 8 << 20;
+const DISK_SEED: u64 = 1;
+/// Kernel log lines the `kmsg` check prints.
+const KMSG_GREP: &str = "guest.kmsg_grep=iommu|viot|virtio|vda|DMAR|remapping";
 
-    assert_eq!(out.fact("cpus.nproc"), "2", "{}", out.transcript());
-    assert_eq!(out.fact("cpus.online"), "2", "{}", out.transcript());
-    out.assert_check("serial-irq");
-    let before: u64 = out.fact("serial-irq.before").parse().unwrap();
-    let after: u64 = out.fact("serial-irq.after").parse().unwrap();
-    assert!(
-        after > before,
-        "serial IRQ count did not grow: {before} -> {after}"
-    );
-    assert!(
-        out.stderr
-            .iter()
-            .any(|l| l.contains("userspace_injected=0")),
-        "interrupts must all go through irqfds\n{}",
-        out.transcript()
-    );
-
-    for name in ["DSDT", "APIC", "FACP", "XSDT"] {
-        let path = tables.join(format!("{name}.dat"));
+fn decompile_tables(dir: &std::path::Path, names: &[&str]) {
+    for name in names {
+        let path = dir.join(format!("{name}.dat"));
         assert!(
             path.exists(),
             "--dump-tables did not write {}",
@@ -50,7 +23,7 @@ fn vmlinux_boots_smp_guest_to_init_and_powers_off() {
         let iasl = Command::new("iasl")
             .arg("-d")
             .arg(&path)
-            .current_dir(&tables)
+            .current_dir(dir)
             .output()
             .expect("iasl (Debian acpica-tools) is needed for this test");
         let text = String::from_utf8_lossy(&iasl.stdout).to_string()
@@ -62,12 +35,199 @@ fn vmlinux_boots_smp_guest_to_init_and_powers_off() {
     }
 }
 
-/// The bzImage path (64-bit boot protocol, gzip decompressor run by the guest).
+/// The disk check passed in the guest and the guest's writes reached the image file.
+fn assert_disk_written(out: &GuestOutput, image: &std::path::Path) {
+    out.assert_check("disk");
+    let (file, pattern) = image_and_pattern_hash(image, DISK_SEED, DISK_BYTES);
+    assert_eq!(
+        file, pattern,
+        "image content differs from the pattern the guest wrote"
+    );
+    assert_eq!(
+        out.fact("disk.fnv64"),
+        format!("{pattern:016x}"),
+        "guest read back other data"
+    );
+}
+
+/// DMA through the virtio-iommu: mappings were made and torn down, nothing faulted.
+fn assert_iommu_translated(out: &GuestOutput) {
+    assert!(
+        out.kmsg_has("virtio_iommu virtio0"),
+        "virtio-iommu did not bind\n{}",
+        out.transcript()
+    );
+    assert!(
+        out.kmsg_has("ACPI: VIOT"),
+        "no VIOT table in the guest log\n{}",
+        out.transcript()
+    );
+    assert!(
+        out.facts
+            .get("iommu-groups.device")
+            .is_some_and(|d| d.iter().any(|d| d.contains("LNRO0005"))),
+        "the disk's platform device is in no IOMMU group\n{}",
+        out.transcript()
+    );
+    let (map, unmap) = (
+        out.stat("/iommu/requests/map/ok"),
+        out.stat("/iommu/requests/unmap/ok"),
+    );
+    println!(
+        "IOMMU_COUNTS map={map} unmap={unmap} attach={} probe={}",
+        out.stat("/iommu/requests/attach/ok"),
+        out.stat("/iommu/requests/probe/ok")
+    );
+    assert!(
+        map > 0 && unmap > 0,
+        "no MAP/UNMAP traffic: map={map} unmap={unmap}"
+    );
+    assert_eq!(out.stat("/iommu/faults"), 0, "endpoint DMA faulted");
+    assert!(out.stat("/disks/0/errors") == 0, "disk requests failed");
+}
+
+/// The main boot: PVH vmlinux, 2 vCPUs, `--iommu --disk`. Issue 2: the guest sees both CPUs,
+/// the serial interrupt (IOAPIC pin → KVM MSI route → irqfd) counts up, no interrupt is
+/// injected from userspace, the guest powers off and the VMM exits 0, the dumped ACPI tables
+/// decompile. Issue 3: the guest binds the virtio-iommu from ACPI (VIOT + LNRO0005), puts the
+/// disk in an IOMMU group, writes a pattern through it that reaches the image file.
 #[test]
-fn bzimage_boots_to_init_and_powers_off() {
+fn smp_guest_with_iommu_and_disk() {
     let image = guest_image();
-    let out = GuestRun::new(&image, &image.bzimage, "cpus").run();
-    println!("BOOT_TIME bzImage 1 vCPU: {}", out.timing());
+    let disk = disk_image(64);
+    let tables = temp_path("tables");
+    let mut run = GuestRun::new(
+        &image,
+        &image.vmlinux,
+        "cpus,serial-irq,interrupts,kmsg,iommu-groups,disk",
+    );
+    run.cpus = 2;
+    run.cmdline.push(KMSG_GREP.into());
+    run.args = vec![
+        "--iommu".into(),
+        "--disk".into(),
+        disk.to_str().unwrap().into(),
+        "--dump-tables".into(),
+        tables.to_str().unwrap().into(),
+    ];
+    let out = run.run();
+    println!(
+        "BOOT_TIME vmlinux/pvh 2 vCPUs --iommu --disk: {}",
+        out.timing()
+    );
+    out.assert_clean_poweroff();
+
+    assert_eq!(out.fact("cpus.nproc"), "2", "{}", out.transcript());
+    assert_eq!(out.fact("cpus.online"), "2", "{}", out.transcript());
+    out.assert_check("serial-irq");
+    let before: u64 = out.fact("serial-irq.before").parse().unwrap();
+    let after: u64 = out.fact("serial-irq.after").parse().unwrap();
+    assert!(
+        after > before,
+        "serial IRQ count did not grow: {before} -> {after}"
+    );
+    assert_eq!(
+        out.stat("/interrupts/userspace_injected"),
+        0,
+        "interrupts must all go through irqfds"
+    );
+    assert!(out.stat("/serial/irqs") > 0 && out.stat("/virtio/irqs") > 0);
+    decompile_tables(&tables, &["DSDT", "APIC", "FACP", "XSDT", "VIOT"]);
+
+    assert_iommu_translated(&out);
+    assert_disk_written(&out, &disk);
+}
+
+/// The same disk test with the guest's IOMMU in strict mode (every unmap invalidated at once).
+#[test]
+fn strict_iommu_mode_disk() {
+    let image = guest_image();
+    let disk = disk_image(64);
+    let mut run = GuestRun::new(&image, &image.vmlinux, "kmsg,iommu-groups,disk");
+    run.cmdline.push("iommu.strict=1".into());
+    run.cmdline.push(KMSG_GREP.into());
+    run.args = vec![
+        "--iommu".into(),
+        "--disk".into(),
+        disk.to_str().unwrap().into(),
+    ];
+    let out = run.run();
+    println!(
+        "BOOT_TIME vmlinux/pvh 1 vCPU --iommu --disk iommu.strict=1: {}",
+        out.timing()
+    );
+    out.assert_clean_poweroff();
+    assert!(
+        out.kmsg_has("strict mode"),
+        "guest IOMMU not in strict mode\n{}",
+        out.transcript()
+    );
+    assert_iommu_translated(&out);
+    assert_disk_written(&out, &disk);
+}
+
+/// The bzImage path (64-bit boot protocol, gzip decompressor run by the guest), with a disk
+/// and no `--iommu`: the disk works on guest-physical addresses and no IOMMU appears.
+#[test]
+fn bzimage_without_iommu_disk() {
+    let image = guest_image();
+    let disk = disk_image(64);
+    let mut run = GuestRun::new(&image, &image.bzimage, "cpus,kmsg,iommu-groups,disk");
+    run.cmdline.push(KMSG_GREP.into());
+    run.args = vec!["--disk".into(), disk.to_str().unwrap().into()];
+    let out = run.run();
+    println!("BOOT_TIME bzImage 1 vCPU --disk: {}", out.timing());
     out.assert_clean_poweroff();
     assert_eq!(out.fact("cpus.nproc"), "1");
+    assert_disk_written(&out, &disk);
+    assert_eq!(
+        out.fact("iommu-groups.groups"),
+        "0",
+        "an IOMMU group appeared without --iommu"
+    );
+    assert!(
+        !out.kmsg_has("virtio_iommu"),
+        "virtio-iommu appeared without --iommu"
+    );
+    assert!(out
+        .stats
+        .as_ref()
+        .unwrap()
+        .pointer("/iommu")
+        .unwrap()
+        .is_null());
+    assert!(out.stat("/disks/0/writes") > 0);
+}
+
+/// SIGTERM stops a running VM promptly with its own exit status and one line saying why.
+#[test]
+fn sigterm_stops_the_vmm_cleanly() {
+    let image = guest_image();
+    let mut run = GuestRun::new(&image, &image.vmlinux, "sleep");
+    run.cmdline.push("guest.sleep_ms=600000".into());
+    run.timeout = Duration::from_secs(120);
+    run.kill_after = Some((Duration::from_secs(5), libc_sigterm()));
+    let out = run.run();
+    assert_eq!(
+        out.status.and_then(|s| s.code()),
+        Some(128 + 15),
+        "{}",
+        out.transcript()
+    );
+    assert!(
+        out.stderr
+            .iter()
+            .any(|l| l.contains("stopped by signal 15")),
+        "{}",
+        out.transcript()
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(30),
+        "stop took {:?}",
+        out.elapsed
+    );
+}
+
+fn libc_sigterm() -> i32 {
+    15
 }

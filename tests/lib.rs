@@ -119,6 +119,46 @@ pub struct GuestRun {
     pub memory_mib: u64,
     /// How long to wait for the VMM to exit.
     pub timeout: Duration,
+    /// Send this signal to the VMM after this long (lifecycle tests).
+    pub kill_after: Option<(Duration, i32)>,
+    /// Where `--stats-json` goes (always passed, read back into [`GuestOutput::stats`]).
+    pub stats_json: PathBuf,
+}
+
+/// A unique temporary path for this test process.
+pub fn temp_path(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("vmm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(format!("{}-{name}", N.fetch_add(1, Ordering::SeqCst)))
+}
+
+/// A sparse raw disk image of `mib` MiB.
+pub fn disk_image(mib: u64) -> PathBuf {
+    let p = temp_path("disk.img");
+    let f = std::fs::File::create(&p).expect("create disk image");
+    f.set_len(mib << 20).expect("size disk image");
+    p
+}
+
+#[path = "guest-agent/src/pattern.rs"]
+#[allow(dead_code, missing_docs)]
+mod pattern;
+
+/// FNV-1a 64 of the first `len` bytes of `image`, and of the pattern the guest agent's `disk`
+/// check writes with `seed`; equal when the guest's writes reached the image.
+pub fn image_and_pattern_hash(image: &Path, seed: u64, len: u64) -> (u64, u64) {
+    let data = std::fs::read(image).expect("read disk image");
+    let len = len as usize;
+    assert!(
+        data.len() >= len,
+        "disk image is shorter than the written region"
+    );
+    (
+        pattern::fnv1a64(&data[..len]),
+        pattern::pattern_fnv64(seed, len as u64),
+    )
 }
 
 impl GuestRun {
@@ -140,6 +180,8 @@ impl GuestRun {
             cpus: 1,
             memory_mib: 256,
             timeout: Duration::from_secs(900),
+            stats_json: temp_path("stats.json"),
+            kill_after: None,
         }
     }
 
@@ -155,6 +197,9 @@ impl GuestRun {
             .arg("--cmdline")
             .arg(self.cmdline.join(" "))
             .args(&self.args)
+            .arg("--stats")
+            .arg("--stats-json")
+            .arg(&self.stats_json)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -181,9 +226,21 @@ impl GuestRun {
                 let _ = tx2.send((start.elapsed(), true, line));
             }
         });
+        let mut signalled = false;
         let status = loop {
             if let Some(s) = child.try_wait().expect("wait vmm") {
                 break Some(s);
+            }
+            if let Some((after, sig)) = self.kill_after {
+                if !signalled && start.elapsed() > after {
+                    let ok = Command::new("kill")
+                        .arg(format!("-{sig}"))
+                        .arg(child.id().to_string())
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    assert!(ok, "cannot send signal {sig} to the vmm");
+                    signalled = true;
+                }
             }
             if start.elapsed() > self.timeout {
                 let _ = child.kill();
@@ -234,6 +291,10 @@ pub struct GuestOutput {
     pub facts: BTreeMap<String, Vec<String>>,
     /// `GUEST_CHECK` results: name → (passed, detail).
     pub checks: BTreeMap<String, (bool, String)>,
+    /// The VMM's `--stats-json` counters, if it wrote them.
+    pub stats: Option<serde_json::Value>,
+    /// `GUEST_KMSG` lines (kernel log lines the `kmsg` check printed).
+    pub kmsg: Vec<String>,
 }
 
 impl GuestOutput {
@@ -256,6 +317,9 @@ impl GuestOutput {
             let passed = parts.next() == Some("PASS");
             let detail = parts.next().unwrap_or("").to_owned();
             self.checks.insert(name, (passed, detail));
+        }
+        if let Some(rest) = line.split("GUEST_KMSG ").nth(1) {
+            self.kmsg.push(rest.to_owned());
         }
         if line.contains("GUEST_DONE") && self.done.is_none() {
             self.done = Some(t);
@@ -324,6 +388,23 @@ impl GuestOutput {
             Some((false, d)) => panic!("guest check {name} failed: {d}\n{}", self.transcript()),
             None => panic!("guest check {name} did not run\n{}", self.transcript()),
         }
+    }
+
+    /// A counter from `--stats-json` by JSON pointer (e.g. `/iommu/requests/map/ok`).
+    pub fn stat(&self, pointer: &str) -> u64 {
+        let stats = self
+            .stats
+            .as_ref()
+            .unwrap_or_else(|| panic!("vmm wrote no stats\n{}", self.transcript()));
+        match stats.pointer(pointer).and_then(|v| v.as_u64()) {
+            Some(v) => v,
+            None => panic!("no counter {pointer} in {stats}"),
+        }
+    }
+
+    /// Whether the kernel log (from the `kmsg` check) has a line containing `needle`.
+    pub fn kmsg_has(&self, needle: &str) -> bool {
+        self.kmsg.iter().any(|l| l.contains(needle))
     }
 
     /// A one-line timing summary for the test log.
