@@ -81,6 +81,7 @@ pub struct DeviceStats {
 
 /// Where the next virtio-mmio device goes.
 struct Slot {
+    #[allow(dead_code)]
     index: u32,
     base: u64,
     irq: u32,
@@ -90,6 +91,42 @@ fn slot(index: u32) -> Result<Slot, DeviceError> {
     let base = layout::virtio_mmio_base(index).ok_or(DeviceError::NoSlot(index))?;
     let irq = layout::virtio_mmio_irq(index).ok_or(DeviceError::NoSlot(index))?;
     Ok(Slot { index, base, irq })
+}
+
+/// Where each virtio-mmio device goes: computed from the configuration alone, used both to
+/// place the devices and to describe them in the firmware tables, so the two always agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// The virtio-iommu's window and pin (slot 0), when DMA translation is on.
+    pub iommu: Option<VirtioMmioDesc>,
+    /// Each disk's window, pin and endpoint ID (its slot index, when behind the IOMMU).
+    pub disks: Vec<VirtioMmioDesc>,
+}
+
+impl DevicePlan {
+    /// Plans the slots for `cfg`: the IOMMU first, then the disks in `--disk` order.
+    pub fn new(cfg: &VmConfig) -> Result<Self, DeviceError> {
+        let desc = |s: Slot, endpoint_id| VirtioMmioDesc {
+            base: s.base,
+            size: layout::VIRTIO_MMIO_WINDOW,
+            irq: s.irq,
+            endpoint_id,
+        };
+        let mut next = 0;
+        let mut iommu = None;
+        if cfg.iommu_dma {
+            iommu = Some(desc(slot(next)?, None));
+            next += 1;
+        }
+        let mut disks = Vec::new();
+        for disk in &cfg.disks {
+            let s = slot(next)?;
+            let ep = (iommu.is_some() && disk.iommu).then_some(s.index);
+            disks.push(desc(s, ep));
+            next += 1;
+        }
+        Ok(DevicePlan { iommu, disks })
+    }
 }
 
 impl DeviceManager {
@@ -110,10 +147,13 @@ impl DeviceManager {
             workers: Vec::new(),
             _ioeventfds: Vec::new(),
         };
-        let mut next = 0;
-        if cfg.iommu_dma {
-            let s = slot(next)?;
-            next += 1;
+        let plan = DevicePlan::new(cfg)?;
+        if let Some(d) = plan.iommu {
+            let s = Slot {
+                index: 0,
+                base: d.base,
+                irq: d.irq,
+            };
             let iommu = Arc::new(Mutex::new(VirtioIommu::new().map_err(DeviceError::Iommu)?));
             let fault_fd = Arc::new(
                 iommu
@@ -136,30 +176,25 @@ impl DeviceManager {
                 interrupts,
             )?;
             log::info!("virtio-iommu at {:#x}, IRQ {}", s.base, s.irq);
-            dm.iommu_desc = Some(VirtioMmioDesc {
-                base: s.base,
-                size: layout::VIRTIO_MMIO_WINDOW,
-                irq: s.irq,
-                endpoint_id: None,
-            });
+            dm.iommu_desc = Some(d);
             dm.iommu = Some(iommu);
         }
-        for (i, disk) in cfg.disks.iter().enumerate() {
-            let s = slot(next)?;
-            next += 1;
+        for (i, (disk, d)) in cfg.disks.iter().zip(&plan.disks).enumerate() {
+            let s = Slot {
+                index: 0,
+                base: d.base,
+                irq: d.irq,
+            };
             let file = OpenOptions::new()
                 .read(true)
                 .write(!disk.read_only)
                 .open(&disk.path)
                 .map_err(|e| DeviceError::OpenDisk(disk.path.clone(), e))?;
-            // Endpoint ID = the device's slot index: the same number goes into the VIOT node.
-            let endpoint = match (&dm.iommu, disk.iommu) {
-                (Some(iommu), true) => Some(
-                    iommu
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .endpoint(s.index),
-                ),
+            // The endpoint ID (the device's slot index) is the number in its VIOT node.
+            let endpoint = match (&dm.iommu, d.endpoint_id) {
+                (Some(iommu), Some(id)) => {
+                    Some(iommu.lock().unwrap_or_else(|e| e.into_inner()).endpoint(id))
+                }
                 _ => None,
             };
             let behind_iommu = endpoint.is_some();
@@ -182,18 +217,11 @@ impl DeviceManager {
                 disk.path.display(),
                 s.base,
                 s.irq,
-                if behind_iommu {
-                    format!(", endpoint {}", s.index)
-                } else {
-                    String::new()
-                }
+                d.endpoint_id
+                    .map(|e| format!(", endpoint {e}"))
+                    .unwrap_or_default()
             );
-            dm.disk_descs.push(VirtioMmioDesc {
-                base: s.base,
-                size: layout::VIRTIO_MMIO_WINDOW,
-                irq: s.irq,
-                endpoint_id: behind_iommu.then_some(s.index),
-            });
+            dm.disk_descs.push(*d);
             dm.disks.push(block);
         }
         Ok(dm)
@@ -271,5 +299,126 @@ impl DeviceManager {
         for w in self.workers.drain(..) {
             w.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+
+    fn config(iommu: bool, disks: &[bool]) -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            kernel_format: crate::config::KernelFormat::Elf,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 2,
+            mem_size: 256 << 20,
+            dump_tables: None,
+            iommu_dma: iommu,
+            iommu_intremap: false,
+            disks: disks
+                .iter()
+                .map(|&behind| DiskConfig {
+                    path: "d".into(),
+                    read_only: false,
+                    iommu: behind,
+                })
+                .collect(),
+            stats: false,
+            stats_json: None,
+        }
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes([b[off], b[off + 1]])
+    }
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn plan_puts_the_iommu_first_and_numbers_endpoints_by_slot() {
+        let plan = DevicePlan::new(&config(true, &[true, false, true])).unwrap();
+        let iommu = plan.iommu.unwrap();
+        assert_eq!(
+            (iommu.base, iommu.irq),
+            (layout::VIRTIO_MMIO_START, layout::VIRTIO_IRQ_START)
+        );
+        let eps: Vec<_> = plan.disks.iter().map(|d| d.endpoint_id).collect();
+        assert_eq!(eps, vec![Some(1), None, Some(3)]);
+        assert_eq!(
+            plan.disks[2].base,
+            layout::VIRTIO_MMIO_START + 3 * layout::VIRTIO_MMIO_WINDOW
+        );
+        assert_eq!(plan.disks[2].irq, layout::VIRTIO_IRQ_START + 3);
+    }
+
+    #[test]
+    fn without_iommu_no_endpoint_ids() {
+        let plan = DevicePlan::new(&config(false, &[false])).unwrap();
+        assert!(plan.iommu.is_none());
+        assert_eq!(plan.disks[0].endpoint_id, None);
+        assert_eq!(plan.disks[0].base, layout::VIRTIO_MMIO_START);
+    }
+
+    /// The VIOT built for the planned devices: one virtio-mmio IOMMU node at the IOMMU's base
+    /// and one MMIO endpoint node per device behind it, whose base and endpoint ID match the
+    /// device's window (Linux matches the base against the device's first _CRS memory range).
+    #[test]
+    fn viot_nodes_match_the_planned_devices() {
+        let cfg = config(true, &[true, false, true]);
+        let plan = DevicePlan::new(&cfg).unwrap();
+        let desc = firmware_tables::PlatformDescription {
+            num_cpus: 2,
+            ioapic: firmware_tables::IoapicDesc {
+                id: 0,
+                address: layout::IOAPIC_START as u32,
+                gsi_base: 0,
+            },
+            serial: None,
+            pm: firmware_tables::PmDesc {
+                io_base: layout::PM_PORT,
+            },
+            virtio_mmio: plan.disks.clone(),
+            iommu: plan.iommu,
+            dmar: None,
+        };
+        let tables =
+            firmware_tables::build_acpi(&desc, layout::ACPI_START, layout::ACPI_SIZE).unwrap();
+        let viot = &tables.blob(b"VIOT").expect("VIOT with --iommu").bytes;
+        let (count, first) = (u16_at(viot, 36) as usize, u16_at(viot, 38) as usize);
+        assert_eq!(count, 3, "one IOMMU node and two endpoint nodes");
+        let mut off = first;
+        let mut iommu_node = None;
+        let mut endpoints = Vec::new();
+        for _ in 0..count {
+            let (kind, len) = (viot[off], u16_at(viot, off + 2) as usize);
+            match kind {
+                4 => {
+                    assert_eq!(u64_at(viot, off + 8), plan.iommu.unwrap().base);
+                    iommu_node = Some(off);
+                }
+                2 => endpoints.push((
+                    u32_at(viot, off + 4),
+                    u64_at(viot, off + 8),
+                    u16_at(viot, off + 16) as usize,
+                )),
+                other => panic!("unexpected VIOT node type {other}"),
+            }
+            off += len;
+        }
+        assert_eq!(off, viot.len());
+        let iommu_node = iommu_node.expect("virtio-mmio IOMMU node");
+        let expected: Vec<_> = plan
+            .disks
+            .iter()
+            .filter_map(|d| d.endpoint_id.map(|id| (id, d.base, iommu_node)))
+            .collect();
+        assert_eq!(endpoints, expected);
     }
 }
