@@ -263,6 +263,9 @@ impl GuestRun {
                 out.absorb(t, line);
             }
         }
+        out.stats = std::fs::read_to_string(&self.stats_json)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok());
         eprintln!(
             "e2e: vmm exited with {:?} after {:.1}s",
             out.status,
