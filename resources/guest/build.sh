@@ -307,8 +307,10 @@ main() {
 
     mkdir -p "$CACHE" "$WORK" "$LOGS"
     exec 9>"$CACHE/.lock"
-    log "waiting for the build lock $CACHE/.lock"
-    flock 9
+    if ! flock -n 9; then
+        log "another build.sh holds $CACHE/.lock, waiting"
+        flock 9
+    fi
     if [[ -d $OUT ]]; then # built by another run meanwhile
         echo "$OUT"
         exit 0
