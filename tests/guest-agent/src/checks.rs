@@ -30,6 +30,7 @@ pub fn run(ctx: &Ctx, name: &str) -> CheckResult {
         "fio" => guest_only(ctx, fio),
         "shell" => guest_only(ctx, shell),
         "sleep" => sleep(ctx),
+        "irq-affinity" => guest_only(ctx, irq_affinity),
         _ => Err("unknown check".to_string()),
     }
 }
@@ -320,6 +321,67 @@ fn disk(ctx: &Ctx) -> CheckResult {
         off += n as u64;
     }
     fact("disk", "read_ms", start.elapsed().as_millis());
+    Ok(())
+}
+
+/// `irq-affinity`: moves the disk's interrupt to another CPU through
+/// /proc/irq/N/smp_affinity_list, then reads from the disk (O_DIRECT, one interrupt per
+/// request) and checks that the new CPU's count for that IRQ grew. The IRQ is the
+/// /proc/interrupts line whose actions contain `guest.irq_match` (default `virtio1`, the disk
+/// when the virtio-iommu is virtio0); the target CPU is `guest.irq_cpu` or else the CPU that
+/// handled the fewest of its interrupts so far. Facts: `irq`, `line`, `target_cpu`,
+/// `before_per_cpu`, `after_per_cpu`, `effective` (effective_affinity_list), `requests`.
+fn irq_affinity(ctx: &Ctx) -> CheckResult {
+    let name = ctx.cmdline.get("guest.irq_match").unwrap_or("virtio1");
+    let kib = ctx.cmdline.get_u64("guest.affinity_io_kib", 512)?;
+    let dev = ctx.cmdline.get("guest.disk").unwrap_or("/dev/vda");
+    let find = |text: &str| -> Option<(String, Vec<u64>, String)> {
+        let mut lines = text.lines();
+        let ncpus = parse::interrupts_cpu_columns(lines.next()?);
+        lines
+            .filter_map(|l| parse::parse_interrupts_line(l, ncpus))
+            .find(|l| l.desc.split_whitespace().any(|w| w == name))
+            .map(|l| (l.irq.to_string(), l.counts.clone(), l.desc.to_string()))
+    };
+    let (irq, before, desc) =
+        find(&read("/proc/interrupts")?).ok_or(format!("no {name} line in /proc/interrupts"))?;
+    fact("irq-affinity", "irq", &irq);
+    fact("irq-affinity", "line", parse::one_line(&desc));
+    fact("irq-affinity", "before_per_cpu", join(&before));
+    if before.len() < 2 {
+        return Err("needs at least 2 CPUs".to_string());
+    }
+    let target = match ctx.cmdline.get("guest.irq_cpu") {
+        Some(c) => c
+            .parse::<usize>()
+            .map_err(|_| format!("bad guest.irq_cpu={c}"))?,
+        None => (0..before.len()).min_by_key(|&c| before[c]).unwrap_or(1),
+    };
+    fact("irq-affinity", "target_cpu", target);
+    let path = format!("/proc/irq/{irq}/smp_affinity_list");
+    fs::write(&path, format!("{target}\n")).map_err(|e| format!("write {path}: {e}"))?;
+
+    // A burst of small direct reads: each completion is one interrupt.
+    let f = open_direct(dev, false)?;
+    let mut storage = Vec::new();
+    let buf = aligned_buffer(&mut storage, 4096);
+    let requests = kib / 4;
+    for i in 0..requests {
+        f.read_exact_at(&mut buf[..4096], i * 4096)
+            .map_err(|e| format!("read {dev}: {e}"))?;
+    }
+    fact("irq-affinity", "requests", requests);
+    let effective = read(&format!("/proc/irq/{irq}/effective_affinity_list")).unwrap_or_default();
+    fact("irq-affinity", "effective", effective.trim());
+    let (_, after, _) = find(&read("/proc/interrupts")?)
+        .ok_or(format!("{name} line gone from /proc/interrupts"))?;
+    fact("irq-affinity", "after_per_cpu", join(&after));
+    let grew = after.get(target).copied().unwrap_or(0) > before.get(target).copied().unwrap_or(0);
+    if !grew {
+        return Err(format!(
+            "CPU {target} got none of the {requests} interrupts"
+        ));
+    }
     Ok(())
 }
 
