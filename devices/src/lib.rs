@@ -40,6 +40,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
 pub mod pm;
+pub mod remap;
 pub mod serial;
 pub mod virtio;
 
