@@ -50,4 +50,5 @@ pub use i8042::I8042;
 pub use interrupt::{CountingLine, EventFdLine, InterruptLine, MsiMessage};
 pub use ioapic::{rte_to_msi, Ioapic, IoapicStats};
 pub use pm::{AcpiPm, PM_RESET_VALUE, PM_SLEEP_S5_VALUE};
+pub use remap::{RemapStats, RemapUnit, RouteInvalidation};
 pub use serial::Serial;

@@ -5,7 +5,7 @@
 //!
 //! Nothing here touches registers or guest memory: [`translate`] gets the table geometry
 //! ([`IrtTable`]) and a closure that reads one 128-bit entry, so the rules can be tested
-//! exhaustively and the register model (`RemapUnit`) only supplies state.
+//! exhaustively and the register model ([`RemapUnit`](super::RemapUnit)) only supplies state.
 //!
 //! # Message formats
 //!

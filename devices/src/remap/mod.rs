@@ -8,13 +8,58 @@
 //! through the queued-invalidation interface. This module models such a unit with no DMA
 //! translation at all (CAP.SAGAW = 0, so Linux ignores it for DMA, which virtio-iommu owns).
 //!
-//! This commit holds the pure parts: [`irte`] (entry decoding, [`remap_index`] and
-//! [`translate`]), [`queue`] (invalidation descriptors) and [`regs`] (register layout and the
-//! capability values reported).
+//! # Pieces
+//!
+//! - [`irte`]: the pure part. [`Irte`] decodes an entry, [`remap_index`] finds the entry a
+//!   remappable-format message names, and [`translate`] turns a message into the
+//!   compatibility-format message KVM routes, or [`Blocked`] with the VT-d fault reason.
+//! - [`queue`]: decoding of invalidation-queue descriptors.
+//! - [`RemapUnit`] ([`unit`](mod@unit)): the 4 KiB register page as a [`BusDevice`](crate::BusDevice)
+//!   (the VMM maps it at 0xFED9_0000, where the DMAR table's DRHD points), the queue
+//!   processor, fault recording and the event interrupts.
+//! - [`regs`]: register offsets, bits and the capability values reported.
+//!
+//! # How the VMM uses it
+//!
+//! Interrupts never pass through the unit at run time. The VMM keeps, per interrupt source
+//! (IOAPIC pin, MSI-X vector), the message the guest programmed, and builds each KVM MSI
+//! route from [`RemapUnit::translate`] of it (an error means: no route). After every MMIO
+//! write it forwards to the unit, the VMM asks:
+//!
+//! - [`RemapUnit::take_route_invalidation`]: which routes to recompute, all of them or those
+//!   whose message's [`remap_index`] falls in the given ranges (index-selective interrupt
+//!   entry cache invalidations);
+//! - [`RemapUnit::take_pending_msis`]: invalidation-completion and fault-event interrupts to
+//!   inject with `KVM_SIGNAL_MSI` (control plane only; also ask after `translate`, which can
+//!   record a fault).
+//!
+//! ```text
+//!  guest writes IRTE, then IEC + wait descriptors, then IQT
+//!     └─► RemapUnit::write (IQT) ─► descriptors processed synchronously, status written
+//!            └─► take_route_invalidation() ─► VMM re-translates affected sources
+//!                   └─► RemapUnit::translate(guest msg, source-id) ─► KVM_SET_GSI_ROUTING
+//! ```
+//!
+//! # Register behaviour worth knowing
+//!
+//! - GCMD: TE is refused (TES stays 0); QIE, IRE and CFI are levels mirrored at once in GSTS
+//!   (Linux polls GSTS and panics if it waits too long); SRTP and SIRTP are one-shot, SIRTP
+//!   latches IRTA into the table used for translation.
+//! - The queue is processed synchronously on every IQT write, on QIE enable and when the
+//!   guest clears FSTS.IQE. A malformed descriptor stops processing with IQH pointing at it
+//!   and raises FSTS.IQE (IQER holds the reason); only 128-bit descriptors exist (IQA.DW = 1
+//!   is a queue error).
+//! - Accesses are 4 or 8 bytes, 4-byte aligned; anything else is ignored (reads return 0).
+//!   Unknown offsets read 0 and ignore writes.
 
 pub mod irte;
 pub mod queue;
 pub mod regs;
+pub mod unit;
+
+#[cfg(test)]
+mod tests;
 
 pub use irte::{remap_index, translate, BlockReason, Blocked, IrtTable, Irte};
 pub use regs::{REMAP_UNIT_SIZE, VTD_CAP, VTD_ECAP, VTD_VER};
+pub use unit::{BlockedStats, RemapStats, RemapUnit, RouteInvalidation};

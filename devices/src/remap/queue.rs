@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Invalidation-queue descriptors (VT-d 6.5.2), legacy 128-bit format, decoded without side
-//! effects; the register model (`RemapUnit`) fetches them from guest memory and acts on them.
+//! effects; the register model ([`RemapUnit`](super::RemapUnit)) fetches them from guest memory and acts on them.
 //!
 //! The type is bits 3:0 of the low quadword plus bits 11:9 as type bits 6:4. This unit only
 //! caches interrupt-remapping entries, so descriptors for the DMA-side caches are accepted and
