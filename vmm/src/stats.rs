@@ -13,9 +13,14 @@
 //!                     domains, mappings, iotlb_lookups, iotlb_fills, faults,
 //!                     events_delivered, events_dropped },
 //!   "disks": [ { reads, writes, flushes, get_id, unsupported, errors, bytes_read,
-//!                bytes_written } ] }
+//!                bytes_written } ],
+//!   "irqs_blocked",
+//!   "remap": null | { iec_global, iec_selective, wait_descriptors, ignored_descriptors,
+//!                     queue_errors, translations, passthrough, blocked, blocked_by: {...},
+//!                     faults_recorded, fault_events, completion_events } }
 //! ```
 
+use devices::remap::RemapStats;
 use devices::virtio::iommu::IommuStats;
 
 use crate::config::VmConfig;
@@ -63,6 +68,39 @@ fn iommu_json(s: &IommuStats) -> String {
     )
 }
 
+fn remap_json(r: &RemapStats) -> String {
+    let b = &r.blocked;
+    format!(
+        concat!(
+            "{{\"iec_global\":{},\"iec_selective\":{},\"wait_descriptors\":{},\"ignored_descriptors\":{},",
+            "\"queue_errors\":{},\"translations\":{},\"passthrough\":{},\"blocked\":{},",
+            "\"blocked_by\":{{\"request_reserved\":{},\"index_out_of_bounds\":{},\"not_present\":{},",
+            "\"table_read_failed\":{},\"irte_reserved\":{},\"compatibility_blocked\":{},",
+            "\"source_id_mismatch\":{},\"remapping_disabled\":{}}},",
+            "\"faults_recorded\":{},\"fault_events\":{},\"completion_events\":{}}}"
+        ),
+        r.iec_global,
+        r.iec_selective,
+        r.wait_descriptors,
+        r.ignored_descriptors,
+        r.queue_errors,
+        r.translations,
+        r.passthrough,
+        b.total(),
+        b.request_reserved,
+        b.index_out_of_bounds,
+        b.not_present,
+        b.table_read_failed,
+        b.irte_reserved,
+        b.compatibility_blocked,
+        b.source_id_mismatch,
+        b.remapping_disabled,
+        r.faults_recorded,
+        r.fault_events,
+        r.completion_events
+    )
+}
+
 /// Renders the counters as one JSON object.
 pub fn to_json(o: &RunOutcome) -> String {
     let i = &o.interrupts;
@@ -89,7 +127,8 @@ pub fn to_json(o: &RunOutcome) -> String {
             "\"routing_updates\":{},\"routes_rebuilt\":{},\"routes_in_use\":{},\"irqfds\":{}}},",
             "\"serial\":{{\"irqs\":{}}},",
             "\"ioapic\":{{\"rte_writes\":{},\"eois\":{}}},",
-            "\"virtio\":{{\"irqs\":{}}},\"iommu\":{},\"disks\":[{}]}}"
+            "\"virtio\":{{\"irqs\":{}}},\"iommu\":{},\"disks\":[{}],",
+            "\"irqs_blocked\":{},\"remap\":{}}}"
         ),
         o.exit.describe().replace('"', "'"),
         o.exit.exit_code(),
@@ -106,6 +145,8 @@ pub fn to_json(o: &RunOutcome) -> String {
         o.devices.virtio_irqs,
         iommu,
         disks.join(","),
+        o.irqs_blocked,
+        o.remap.as_ref().map_or("null".to_owned(), remap_json),
     )
 }
 
@@ -144,6 +185,12 @@ pub fn report(cfg: &VmConfig, o: &RunOutcome) -> Result<(), VmError> {
                 s.iotlb_fills,
                 s.faults,
                 s.events_delivered
+            );
+        }
+        if let Some(r) = &o.remap {
+            eprintln!(
+                "vmm: stats: remap iec_global={} iec_selective={} waits={} queue_errors={} translations={} blocked={} faults={}",
+                r.iec_global, r.iec_selective, r.wait_descriptors, r.queue_errors, r.translations, r.blocked.total(), r.faults_recorded
             );
         }
         for (n, d) in o.devices.disks.iter().enumerate() {

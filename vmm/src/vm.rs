@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use arch::cpuid::{filter_cpuid, VcpuTopology};
 use arch::layout;
 use arch::regs;
-use devices::{AcpiPm, Bus, BusDevice, ExitSignal, Ioapic, Serial, I8042};
-use firmware_tables::{IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
+use devices::remap::{RemapStats, RemapUnit};
+use devices::{AcpiPm, Bus, ExitSignal, Ioapic, Serial, I8042};
+use firmware_tables::{DmarDesc, IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -23,6 +24,7 @@ use crate::config::VmConfig;
 use crate::device_manager::{DeviceManager, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
 use crate::interrupts::{InterruptCounters, InterruptError, InterruptManager, IrqfdLine};
+use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
@@ -111,6 +113,10 @@ pub struct RunOutcome {
     pub ioapic: devices::IoapicStats,
     /// Virtio device counters.
     pub devices: DeviceStats,
+    /// Interrupt-remapping unit counters, with `--iommu` / `--iommu=intremap`.
+    pub remap: Option<RemapStats>,
+    /// IOAPIC messages left without a route because they were blocked.
+    pub irqs_blocked: u64,
     /// Wall time from VMM start to stop.
     pub elapsed: Duration,
 }
@@ -127,40 +133,6 @@ impl Write for ConsoleOut {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
-    }
-}
-
-/// The IOAPIC on the MMIO bus: after each guest write, the pins whose redirection entry
-/// changed get their KVM route recomputed (slow path; delivery stays on the irqfds).
-struct IoapicRouter {
-    ioapic: Arc<Mutex<Ioapic>>,
-    interrupts: Arc<InterruptManager>,
-}
-
-impl BusDevice for IoapicRouter {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.ioapic
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let updates: Vec<_> = {
-            let mut ioapic = self.ioapic.lock().unwrap_or_else(|e| e.into_inner());
-            ioapic.write(offset, data);
-            let dirty = ioapic.take_dirty_pins();
-            (0..layout::IOAPIC_PINS)
-                .filter(|pin| dirty & (1 << pin) != 0)
-                .map(|pin| (pin, ioapic.pin_msi(pin as usize)))
-                .collect()
-        };
-        if updates.is_empty() {
-            return;
-        }
-        if let Err(e) = self.interrupts.update_routes(&updates) {
-            log::error!("Cannot update IOAPIC routes: {e}");
-        }
     }
 }
 
@@ -256,7 +228,11 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
         },
         virtio_mmio: dm.endpoint_descs(),
         iommu: dm.iommu_desc(),
-        dmar: None,
+        dmar: cfg.iommu_intremap.then_some(DmarDesc {
+            register_base: layout::DMAR_START,
+            ioapic_id: layout::IOAPIC_ID,
+            ioapic_source_id: firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
+        }),
     }
 }
 
@@ -375,16 +351,31 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let (exit_tx, exit_rx) = channel();
     let exit = ExitSender::new(exit_tx, exit_wake.clone());
     let ioapic = Arc::new(Mutex::new(Ioapic::new(layout::IOAPIC_ID)));
+    let remap = cfg
+        .iommu_intremap
+        .then(|| Arc::new(Mutex::new(RemapUnit::new(mem.clone()))));
+    let router = Arc::new(Mutex::new(IrqRouter::new(
+        ioapic.clone(),
+        remap.clone(),
+        interrupts.clone(),
+        firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
+    )));
     let mut mmio = Bus::new();
     mmio.insert(
-        Arc::new(Mutex::new(IoapicRouter {
-            ioapic: ioapic.clone(),
-            interrupts: interrupts.clone(),
-        })),
+        Arc::new(Mutex::new(IoapicBus(router.clone()))),
         layout::IOAPIC_START,
         layout::IOAPIC_SIZE,
     )
     .map_err(VmError::Bus)?;
+    if remap.is_some() {
+        mmio.insert(
+            Arc::new(Mutex::new(RemapBus(router.clone()))),
+            layout::DMAR_START,
+            layout::DMAR_SIZE,
+        )
+        .map_err(VmError::Bus)?;
+        log::info!("Interrupt remapping unit at {:#x}", layout::DMAR_START);
+    }
     let serial_line: Arc<IrqfdLine> = interrupts
         .irqfd_line(layout::SERIAL_IRQ)
         .map_err(VmError::Interrupts)?;
@@ -454,12 +445,17 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     drain_reason(&exit_rx);
 
     let ioapic_stats = ioapic.lock().unwrap_or_else(|e| e.into_inner()).stats();
+    let irqs_blocked = router.lock().unwrap_or_else(|e| e.into_inner()).blocked();
     Ok(RunOutcome {
         exit: reason,
         interrupts: interrupts.counters(),
         serial_irqs: serial_line.triggers(),
         ioapic: ioapic_stats,
         devices: dm.stats(),
+        remap: remap
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).stats()),
+        irqs_blocked,
         elapsed: started.elapsed(),
     })
 }
