@@ -32,6 +32,9 @@ pub struct IrqRouter {
     blocked: u64,
     /// Route updates that changed something, with the reason, for logs and counters.
     rebuilds: u64,
+    /// MSI sources (MSI/MSI-X vectors of devices): GSI → (guest-programmed message, the
+    /// device's requester ID). Recomputed on invalidations like the IOAPIC pins.
+    msi_sources: std::collections::BTreeMap<u32, (MsiMessage, u16)>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,6 +57,58 @@ impl IrqRouter {
             pin_index: [None; PINS],
             blocked: 0,
             rebuilds: 0,
+            msi_sources: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The route for a device's MSI message: translated through the remapping unit when there
+    /// is one, checked against the device's requester ID.
+    fn msi_route(&mut self, gsi: u32, msg: MsiMessage, source_id: u16) -> Option<MsiMessage> {
+        let routed = match &self.remap {
+            Some(unit) => lock(unit).translate(msg, source_id).ok(),
+            None => (!msg.is_remappable()).then_some(msg),
+        };
+        if routed.is_none() {
+            self.blocked += 1;
+            log::debug!("irq: GSI {gsi} message {msg:x?} from {source_id:#06x} blocked");
+        }
+        routed
+    }
+
+    /// Sets (or with `None` removes: masked) the message a device programmed for the MSI
+    /// source on `gsi`, and pushes its route.
+    pub fn set_msi_source(&mut self, gsi: u32, msg: Option<MsiMessage>, source_id: u16) {
+        let route = match msg {
+            Some(m) => {
+                self.msi_sources.insert(gsi, (m, source_id));
+                self.msi_route(gsi, m, source_id)
+            }
+            None => {
+                self.msi_sources.remove(&gsi);
+                None
+            }
+        };
+        if let Err(e) = self.interrupts.update_routes(&[(gsi, route)]) {
+            log::error!("irq: cannot update the route of GSI {gsi}: {e}");
+        }
+    }
+
+    fn update_msi_sources(&mut self, inv: &RouteInvalidation) {
+        let affected: Vec<_> = self
+            .msi_sources
+            .iter()
+            .filter(|(_, (m, _))| inv.covers(remap_index(*m)))
+            .map(|(g, (m, sid))| (*g, *m, *sid))
+            .collect();
+        if affected.is_empty() {
+            return;
+        }
+        let updates: Vec<_> = affected
+            .into_iter()
+            .map(|(g, m, sid)| (g, self.msi_route(g, m, sid)))
+            .collect();
+        if let Err(e) = self.interrupts.update_routes(&updates) {
+            log::error!("irq: cannot update MSI routes: {e}");
         }
     }
 
@@ -102,6 +157,9 @@ impl IrqRouter {
             let mut u = lock(&unit);
             (u.take_route_invalidation(), u.take_pending_msis())
         };
+        if let Some(inv) = &inv {
+            self.update_msi_sources(inv);
+        }
         match inv {
             Some(RouteInvalidation::All) => {
                 self.update_pins(u32::MAX >> (32 - PINS), "a global invalidation")

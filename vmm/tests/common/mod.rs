@@ -1,0 +1,169 @@
+//! Shared by the KVM tests: a tiny real-mode guest that enables its x2APIC, says it is
+//! ready on a port, then halts with interrupts on; its handler for [`VECTOR`] writes the
+//! vector to [`VECTOR_PORT`] and EOIs. No Linux involved.
+
+#![allow(dead_code)]
+
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Port the guest writes the vector of each interrupt it handles to.
+pub const VECTOR_PORT: u16 = 0x10;
+/// Port the guest writes to once its LAPIC is enabled and interrupts are on.
+pub const READY_PORT: u16 = 0x11;
+pub const VECTOR: u8 = 0x40;
+pub const CODE: u64 = 0x1000;
+pub const HANDLER: u64 = 0x1100;
+
+/// 16-bit code: switch the LAPIC to x2APIC mode, software-enable it, say ready, then
+/// `sti; hlt` forever.
+pub fn main_code() -> Vec<u8> {
+    vec![
+        0x66,
+        0xb9,
+        0x1b,
+        0x00,
+        0x00,
+        0x00, // mov ecx, 0x1b (IA32_APIC_BASE)
+        0x0f,
+        0x32, //                          rdmsr
+        0x66,
+        0x0d,
+        0x00,
+        0x0c,
+        0x00,
+        0x00, // or eax, 0xc00 (xAPIC global enable | x2APIC)
+        0x0f,
+        0x30, //                          wrmsr
+        0x66,
+        0xb9,
+        0x0f,
+        0x08,
+        0x00,
+        0x00, // mov ecx, 0x80f (x2APIC SVR)
+        0x66,
+        0xb8,
+        0xff,
+        0x01,
+        0x00,
+        0x00, // mov eax, 0x1ff (APIC enable, spurious 0xff)
+        0x66,
+        0x31,
+        0xd2, //                    xor edx, edx
+        0x0f,
+        0x30, //                          wrmsr
+        0xba,
+        READY_PORT as u8,
+        0x00, //        mov dx, READY_PORT
+        0xee, //                                out dx, al
+        0xfb, //                                sti
+        0xf4, //                                hlt
+        0xeb,
+        0xfd, //                          jmp hlt
+    ]
+}
+
+/// Handler for VECTOR: report it, EOI through the x2APIC EOI MSR, iret.
+pub fn handler_code() -> Vec<u8> {
+    vec![
+        0xb0,
+        VECTOR, //                        mov al, VECTOR
+        0xba,
+        VECTOR_PORT as u8,
+        0x00, //       mov dx, VECTOR_PORT
+        0xee, //                                out dx, al
+        0x66,
+        0xb9,
+        0x0b,
+        0x08,
+        0x00,
+        0x00, // mov ecx, 0x80b (x2APIC EOI)
+        0x66,
+        0x31,
+        0xc0, //                    xor eax, eax
+        0x66,
+        0x31,
+        0xd2, //                    xor edx, edx
+        0x0f,
+        0x30, //                          wrmsr
+        0xcf, //                                iret
+    ]
+}
+
+/// A VM with split irqchip running the tiny guest on one vCPU.
+pub struct TinyGuest {
+    /// The VM.
+    pub vm: Arc<VmFd>,
+    /// Its memory (64 MiB).
+    pub mem: GuestMemoryMmap,
+    /// (port, value) of each byte the guest writes to a port; the vCPU thread ends after the
+    /// first write to `VECTOR_PORT`.
+    pub ports: Receiver<(u16, u8)>,
+    /// The vCPU thread.
+    pub vcpu: JoinHandle<()>,
+}
+
+/// Starts the tiny guest and waits until it is ready for interrupts.
+pub fn start_tiny_guest() -> TinyGuest {
+    let kvm = Kvm::new().expect("this test needs /dev/kvm (KVM tests run in CI)");
+    let vm = Arc::new(vmm::vm::create_vm(&kvm).expect("VM with split irqchip"));
+    let mem = vmm::vm::create_memory(&vm, 64 << 20).expect("guest memory");
+    mem.write_slice(&main_code(), GuestAddress(CODE)).unwrap();
+    mem.write_slice(&handler_code(), GuestAddress(HANDLER))
+        .unwrap();
+    // Real-mode IVT entry for VECTOR: offset, then segment 0.
+    mem.write_obj(HANDLER as u16, GuestAddress(u64::from(VECTOR) * 4))
+        .unwrap();
+    mem.write_obj(0u16, GuestAddress(u64::from(VECTOR) * 4 + 2))
+        .unwrap();
+
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    vcpu.set_cpuid2(&cpuid).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ss.base = 0;
+    sregs.ss.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_bindings::kvm_regs {
+        rip: CODE,
+        rsp: 0x8000,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).unwrap();
+
+    let (tx, rx) = channel();
+    let thread = std::thread::spawn(move || loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                tx.send((port, data[0])).unwrap();
+                if port == VECTOR_PORT {
+                    return;
+                }
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(other) => panic!("unexpected exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => panic!("KVM_RUN failed: {e}"),
+        }
+    });
+    let ready = rx.recv_timeout(WAIT).expect("guest never got ready");
+    assert_eq!(ready.0, READY_PORT);
+    TinyGuest {
+        vm,
+        mem,
+        ports: rx,
+        vcpu: thread,
+    }
+}
+
+/// How long to wait for the guest.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
