@@ -257,12 +257,14 @@ impl GuestRun {
             ..Default::default()
         };
         for (t, is_err, line) in rx.try_iter() {
+            out.timeline.push((t, is_err, line.clone()));
             if is_err {
                 out.stderr.push(line);
             } else {
                 out.absorb(t, line);
             }
         }
+        out.timeline.sort_by_key(|(t, _, _)| *t);
         out.stats = std::fs::read_to_string(&self.stats_json)
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok());
@@ -296,6 +298,8 @@ pub struct GuestOutput {
     pub checks: BTreeMap<String, (bool, String)>,
     /// The VMM's `--stats-json` counters, if it wrote them.
     pub stats: Option<serde_json::Value>,
+    /// Every serial (`false`) and stderr (`true`) line with its arrival time.
+    pub timeline: Vec<(Duration, bool, String)>,
     /// `GUEST_KMSG` lines (kernel log lines the `kmsg` check printed).
     pub kmsg: Vec<String>,
 }
@@ -403,6 +407,23 @@ impl GuestOutput {
             Some(v) => v,
             None => panic!("no counter {pointer} in {stats}"),
         }
+    }
+
+    /// Arrival time of the first serial line containing `needle`.
+    pub fn serial_time(&self, needle: &str) -> Option<Duration> {
+        self.timeline
+            .iter()
+            .find(|(_, err, l)| !err && l.contains(needle))
+            .map(|(t, _, _)| *t)
+    }
+
+    /// VMM stderr lines containing `needle` that arrived in `[from, to]`.
+    pub fn stderr_between(&self, needle: &str, from: Duration, to: Duration) -> Vec<&str> {
+        self.timeline
+            .iter()
+            .filter(|(t, err, l)| *err && *t >= from && *t <= to && l.contains(needle))
+            .map(|(_, _, l)| l.as_str())
+            .collect()
     }
 
     /// Whether the kernel log (from the `kmsg` check) has a line containing `needle`.
