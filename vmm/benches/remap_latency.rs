@@ -10,9 +10,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/remap.rs"]
+mod remap_setup;
+
+use devices::remap::regs::DMAR_IQT_REG;
 use devices::remap::RemapUnit;
-use devices::{BusDevice, Ioapic};
+use devices::Ioapic;
 use kvm_ioctls::Kvm;
+use remap_setup::{enable_remapping, irte, w32, w64};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::interrupts::InterruptManager;
 use vmm::irq_routing::{IoapicBus, IrqRouter, RemapBus};
@@ -20,29 +25,9 @@ use vmm::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 const IRT_BASE: u64 = 0x10_0000;
 const IQ_BASE: u64 = 0x20_0000;
 const STATUS_ADDR: u64 = 0x30_0000;
-/// VT-d register offsets (Linux drivers/iommu/intel/iommu.h).
-const DMAR_GCMD_REG: u64 = 0x18;
-const DMAR_IQT_REG: u64 = 0x88;
-const DMAR_IQA_REG: u64 = 0x90;
-const DMAR_IRTA_REG: u64 = 0xb8;
-const DMA_GCMD_QIE: u32 = 1 << 26;
-const DMA_GCMD_IRE: u32 = 1 << 25;
-const DMA_GCMD_SIRTP: u32 = 1 << 24;
 /// The IOAPIC pin whose route is rebuilt, and its IRTE index.
 const PIN: u32 = 4;
 const INDEX: u64 = 7;
-
-fn w32(dev: &mut dyn BusDevice, off: u64, v: u32) {
-    dev.write(off, &v.to_le_bytes());
-}
-fn w64(dev: &mut dyn BusDevice, off: u64, v: u64) {
-    dev.write(off, &v.to_le_bytes());
-}
-
-fn irte(vector: u8) -> u128 {
-    // Present, fixed delivery, physical destination APIC ID 0 (x2APIC format), vector.
-    1 | (u128::from(vector) << 16)
-}
 
 fn main() {
     let iterations: usize = std::env::args()
@@ -67,12 +52,7 @@ fn main() {
 
     // Linux's bring-up: queued invalidation on, table pointer set (x2APIC format, 256
     // entries), remapping on.
-    w64(&mut remap, DMAR_IQT_REG, 0);
-    w64(&mut remap, DMAR_IQA_REG, IQ_BASE);
-    w32(&mut remap, DMAR_GCMD_REG, DMA_GCMD_QIE);
-    w64(&mut remap, DMAR_IRTA_REG, IRT_BASE | 1 << 11 | 7);
-    w32(&mut remap, DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_SIRTP);
-    w32(&mut remap, DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
+    enable_remapping(&mut remap, IRT_BASE, IQ_BASE);
     mem.write_obj(irte(0x30), GuestAddress(IRT_BASE + 16 * INDEX))
         .unwrap();
     // IOAPIC pin: remappable format (bit 48), handle = INDEX (bits 63:49), vector field = pin.

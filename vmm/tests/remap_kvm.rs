@@ -8,53 +8,23 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::remap::{enable_remapping, irte, r64, remappable};
 use common::{start_tiny_guest, VECTOR, VECTOR_PORT, WAIT};
+use devices::remap::regs::{DMAR_FRCD_REG, DMAR_FSTS_REG, DMA_FSTS_PPF};
 use devices::remap::RemapUnit;
-use devices::{BusDevice, InterruptLine, Ioapic, MsiMessage};
+use devices::{BusDevice, InterruptLine, Ioapic};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::interrupts::InterruptManager;
 use vmm::irq_routing::{IrqRouter, RemapBus};
 
 const IRT_BASE: u64 = 0x10_0000;
 const IQ_BASE: u64 = 0x20_0000;
-/// VT-d registers (Linux drivers/iommu/intel/iommu.h).
-const DMAR_GCMD_REG: u64 = 0x18;
-const DMAR_FSTS_REG: u64 = 0x34;
-const DMAR_IQT_REG: u64 = 0x88;
-const DMAR_IQA_REG: u64 = 0x90;
-const DMAR_IRTA_REG: u64 = 0xb8;
-const DMAR_FRCD_REG: u64 = 0x400;
-const DMA_GCMD_QIE: u32 = 1 << 26;
-const DMA_GCMD_IRE: u32 = 1 << 25;
-const DMA_GCMD_SIRTP: u32 = 1 << 24;
-const DMA_FSTS_PPF: u32 = 1 << 1;
 /// VT-d fault reason: interrupt request's source-id does not match the IRTE's.
 const FR_SID_MISMATCH: u64 = 0x26;
 /// The IRTE, and the requester IDs of the device it belongs to and of an intruder.
 const INDEX: u16 = 3;
 const OWNER_SID: u16 = 0x0010;
 const OTHER_SID: u16 = 0x0020;
-
-fn w32(dev: &mut dyn BusDevice, off: u64, v: u32) {
-    dev.write(off, &v.to_le_bytes());
-}
-fn w64(dev: &mut dyn BusDevice, off: u64, v: u64) {
-    dev.write(off, &v.to_le_bytes());
-}
-fn r64(dev: &mut dyn BusDevice, off: u64) -> u64 {
-    let mut b = [0u8; 8];
-    dev.read(off, &mut b);
-    u64::from_le_bytes(b)
-}
-
-/// Remappable-format MSI for IRTE `index` (handle in address bits 19:5 and 2, SHV = 0).
-fn remappable(index: u16) -> MsiMessage {
-    let h = u64::from(index);
-    MsiMessage {
-        address: 0xfee0_0000 | (h & 0x7fff) << 5 | 1 << 4 | (h >> 15) << 2,
-        data: 0,
-    }
-}
 
 #[test]
 fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
@@ -71,17 +41,12 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
     let mut regs = RemapBus(router.clone());
 
     // The guest's driver: queued invalidation, x2APIC-format table of 256 entries, IR on.
-    w64(&mut regs, DMAR_IQT_REG, 0);
-    w64(&mut regs, DMAR_IQA_REG, IQ_BASE);
-    w32(&mut regs, DMAR_GCMD_REG, DMA_GCMD_QIE);
-    w64(&mut regs, DMAR_IRTA_REG, IRT_BASE | 1 << 11 | 7);
-    w32(&mut regs, DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_SIRTP);
-    w32(&mut regs, DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
+    enable_remapping(&mut regs, IRT_BASE, IQ_BASE);
     // IRTE: present, fixed, physical APIC ID 0, VECTOR; SVT = 1 (verify SID), SQ = 0, SID.
-    let irte: u128 = 1 | u128::from(VECTOR) << 16 | u128::from(OWNER_SID) << 64 | 1u128 << 82;
+    let entry = irte(VECTOR) | u128::from(OWNER_SID) << 64 | 1u128 << 82;
     guest
         .mem
-        .write_obj(irte, GuestAddress(IRT_BASE + 16 * u64::from(INDEX)))
+        .write_obj(entry, GuestAddress(IRT_BASE + 16 * u64::from(INDEX)))
         .unwrap();
 
     // The intruder programs the owner's interrupt index: no route, a fault is recorded.

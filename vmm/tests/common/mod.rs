@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod remap;
+
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
