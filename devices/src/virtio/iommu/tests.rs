@@ -1119,3 +1119,120 @@ fn requests_of_other_endpoints_do_not_delay_unmap() {
 fn fault_structs_have_expected_sizes() {
     assert_eq!(size_of::<VirtioIommuFault>(), 24);
 }
+
+/// A virtio-blk endpoint behind the IOMMU: a read whose data buffer IOVA is mapped read-only
+/// (the device would write guest memory) and a write whose data buffer IOVA is not mapped at all
+/// each fail with `VIRTIO_BLK_S_IOERR`, leave guest memory untouched, and are reported on the
+/// event queue as MAPPING faults with the right address and access flags.
+#[test]
+fn block_dma_to_unmapped_or_read_only_iova_fails_and_reports_fault() {
+    use crate::virtio::block::{Block, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    const BLK_QUEUE: u64 = 0x50_0000;
+    const BLK_BUF: u64 = 0x60_0000;
+    const RO_IOVA: u64 = 0x4000;
+    const UNMAPPED_IOVA: u64 = 0x9000_0000;
+
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    // Endpoint 1 in domain 1: its rings and request headers identity-mapped, RO_IOVA mapped
+    // read-only onto DATA, nothing at UNMAPPED_IOVA.
+    assert_eq!(h.status(&attach_req(1, 1, 0)), VIRTIO_IOMMU_S_OK);
+    for (start, phys, flags) in [
+        (BLK_QUEUE, BLK_QUEUE, RW),
+        (BLK_BUF, BLK_BUF, RW),
+        (RO_IOVA, DATA, R),
+    ] {
+        assert_eq!(
+            h.status(&map_req(1, start, start + 0xfff, phys, flags)),
+            VIRTIO_IOMMU_S_OK
+        );
+    }
+
+    let path = std::env::temp_dir().join(format!("vmm-blk-iommu-{}.img", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(64 * 512).unwrap();
+    let mut block = Block::new(file, false, "d".into(), true).unwrap();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(BLK_QUEUE), 16);
+    block
+        .activate(
+            device_memory(mem.clone(), Some(h.dev.endpoint(1))),
+            vec![vq.create_queue::<Queue>().unwrap()],
+            Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::new()))),
+        )
+        .unwrap();
+
+    // Request 0: read sector 0 into RO_IOVA. Request 1: write sector 0 from UNMAPPED_IOVA.
+    let header = |type_: u32| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&type_.to_le_bytes());
+        b
+    };
+    mem.write_slice(&header(VIRTIO_BLK_T_IN), GuestAddress(BLK_BUF))
+        .unwrap();
+    mem.write_slice(&header(VIRTIO_BLK_T_OUT), GuestAddress(BLK_BUF + 0x20))
+        .unwrap();
+    mem.write_slice(&[0xee; 2], GuestAddress(BLK_BUF + 0x100))
+        .unwrap();
+    let reqs = [
+        (BLK_BUF, RO_IOVA, true, BLK_BUF + 0x100),
+        (BLK_BUF + 0x20, UNMAPPED_IOVA, false, BLK_BUF + 0x101),
+    ];
+    for (i, (hdr, data, device_writes, status)) in reqs.into_iter().enumerate() {
+        let first = (i * 3) as u16;
+        vq.add_desc_chains(
+            &chain(
+                &[
+                    (hdr, 16, false),
+                    (data, 512, device_writes),
+                    (status, 1, true),
+                ],
+                first,
+            ),
+            first,
+        )
+        .unwrap();
+    }
+    mem.write_obj(0xabu8, GuestAddress(DATA)).unwrap();
+    block.process_queue(0);
+
+    let mut statuses = [0u8; 2];
+    mem.read_slice(&mut statuses, GuestAddress(BLK_BUF + 0x100))
+        .unwrap();
+    assert_eq!(statuses, [VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_IOERR]);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(DATA)).unwrap(),
+        0xab,
+        "read-only page written"
+    );
+    assert_eq!(block.stats().errors, 2);
+    assert_eq!(h.dev.stats().faults, 2);
+
+    h.give_event_buffers(2);
+    let faults: Vec<VirtioIommuFault> = (0..2)
+        .map(|i| mem.read_obj(GuestAddress(EVT_BUF + i * 0x100)).unwrap())
+        .collect();
+    assert_eq!(
+        faults,
+        vec![
+            fault_of(
+                1,
+                VIRTIO_IOMMU_FAULT_R_MAPPING,
+                VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS,
+                RO_IOVA
+            ),
+            fault_of(
+                1,
+                VIRTIO_IOMMU_FAULT_R_MAPPING,
+                VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS,
+                UNMAPPED_IOVA
+            ),
+        ]
+    );
+    let _ = std::fs::remove_file(path);
+}
