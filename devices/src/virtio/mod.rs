@@ -150,11 +150,6 @@ pub mod mmio;
 pub fn device_memory(mem: GuestMemoryMmap, iommu: Option<iommu::EndpointIommu>) -> DeviceMemory {
     match iommu {
         Some(i) => vm_memory::IommuMemory::new(mem, i, true, ()),
-        None => vm_memory::IommuMemory::new(
-            mem,
-            iommu::EndpointIommu::passthrough(),
-            false,
-            (),
-        ),
+        None => vm_memory::IommuMemory::new(mem, iommu::EndpointIommu::passthrough(), false, ()),
     }
 }
