@@ -32,9 +32,9 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::PowerOff => 0,
-            VmExit::Reset => 2,
-            VmExit::TripleFault { .. } => 3,
-            VmExit::Fatal(_) => 4,
+            VmExit::Reset => 3,
+            VmExit::TripleFault { .. } => 4,
+            VmExit::Fatal(_) => 5,
             VmExit::Signal(sig) => 128 + sig,
         }
     }
