@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use arch::boot::BootError;
 use arch::layout;
 use clap::{Parser, ValueEnum};
 
@@ -195,12 +196,9 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `PATH[,readonly=on|off][,iommu=on|off]`; `iommu` defaults to `iommu_default`.
-pub fn parse_disk(
-    value: &str,
-    iommu_default: bool,
-    iommu_dma: bool,
-) -> Result<DiskConfig, ConfigError> {
+/// Parses `PATH[,readonly=on|off][,iommu=on|off]`. With `iommu_dma` (the virtio-iommu is
+/// there) the disk sits behind it unless `iommu=off`; without it `iommu=on` is an error.
+pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::Disk {
         value: value.to_owned(),
         reason: reason.to_owned(),
@@ -213,7 +211,7 @@ pub fn parse_disk(
     let mut disk = DiskConfig {
         path: PathBuf::from(path),
         read_only: false,
-        iommu: iommu_default,
+        iommu: iommu_dma,
     };
     for opt in parts {
         let (key, val) = opt
@@ -295,12 +293,10 @@ impl VmConfig {
                 max,
             });
         }
-        let len = cli.cmdline.len() + 1;
-        if len > layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::Cmdline {
-                len,
-                max: layout::CMDLINE_MAX_SIZE,
-            });
+        if let Err(BootError::CmdlineTooLong { len, max }) =
+            arch::boot::check_cmdline(&cli.cmdline, layout::CMDLINE_MAX_SIZE)
+        {
+            return Err(ConfigError::Cmdline { len, max });
         }
         let mode = cli.iommu.unwrap_or(IommuMode::Off);
         let iommu_dma = matches!(mode, IommuMode::On | IommuMode::Dma);
@@ -314,7 +310,7 @@ impl VmConfig {
         let disks = cli
             .disk
             .iter()
-            .map(|d| parse_disk(d, iommu_dma, iommu_dma))
+            .map(|d| parse_disk(d, iommu_dma))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
             kernel: cli.kernel,
@@ -422,11 +418,11 @@ mod tests {
     fn disk_options_parse_and_default_to_the_iommu() {
         let img = temp_file("disk.img", &[0u8; 4096]);
         let p = img.to_str().unwrap();
-        let d = parse_disk(p, true, true).unwrap();
+        let d = parse_disk(p, true).unwrap();
         assert_eq!((d.read_only, d.iommu), (false, true));
-        let d = parse_disk(&format!("{p},readonly=on,iommu=off"), true, true).unwrap();
+        let d = parse_disk(&format!("{p},readonly=on,iommu=off"), true).unwrap();
         assert_eq!((d.read_only, d.iommu), (true, false));
-        assert!(!parse_disk(p, false, false).unwrap().iommu);
+        assert!(!parse_disk(p, false).unwrap().iommu);
     }
 
     #[test]
@@ -440,16 +436,16 @@ mod tests {
             format!("{p},iommu=maybe"),
         ] {
             assert!(
-                matches!(parse_disk(&bad, true, true), Err(ConfigError::Disk { .. })),
+                matches!(parse_disk(&bad, true), Err(ConfigError::Disk { .. })),
                 "{bad}"
             );
         }
         assert!(matches!(
-            parse_disk(&format!("{p},iommu=on"), false, false),
+            parse_disk(&format!("{p},iommu=on"), false),
             Err(ConfigError::Disk { .. })
         ));
         assert!(matches!(
-            parse_disk("/nonexistent/disk", false, false),
+            parse_disk("/nonexistent/disk", false),
             Err(ConfigError::DiskUnreadable { .. })
         ));
     }

@@ -79,18 +79,14 @@ pub struct DeviceStats {
     pub virtio_irqs: u64,
 }
 
-/// Where the next virtio-mmio device goes.
-struct Slot {
-    #[allow(dead_code)]
-    index: u32,
-    base: u64,
-    irq: u32,
-}
-
-fn slot(index: u32) -> Result<Slot, DeviceError> {
-    let base = layout::virtio_mmio_base(index).ok_or(DeviceError::NoSlot(index))?;
-    let irq = layout::virtio_mmio_irq(index).ok_or(DeviceError::NoSlot(index))?;
-    Ok(Slot { index, base, irq })
+/// The window and pin of virtio-mmio slot `index`.
+fn slot(index: u32, endpoint_id: Option<u32>) -> Result<VirtioMmioDesc, DeviceError> {
+    Ok(VirtioMmioDesc {
+        base: layout::virtio_mmio_base(index).ok_or(DeviceError::NoSlot(index))?,
+        size: layout::VIRTIO_MMIO_WINDOW,
+        irq: layout::virtio_mmio_irq(index).ok_or(DeviceError::NoSlot(index))?,
+        endpoint_id,
+    })
 }
 
 /// Where each virtio-mmio device goes: computed from the configuration alone, used both to
@@ -106,23 +102,16 @@ pub struct DevicePlan {
 impl DevicePlan {
     /// Plans the slots for `cfg`: the IOMMU first, then the disks in `--disk` order.
     pub fn new(cfg: &VmConfig) -> Result<Self, DeviceError> {
-        let desc = |s: Slot, endpoint_id| VirtioMmioDesc {
-            base: s.base,
-            size: layout::VIRTIO_MMIO_WINDOW,
-            irq: s.irq,
-            endpoint_id,
-        };
         let mut next = 0;
         let mut iommu = None;
         if cfg.iommu_dma {
-            iommu = Some(desc(slot(next)?, None));
+            iommu = Some(slot(next, None)?);
             next += 1;
         }
         let mut disks = Vec::new();
         for disk in &cfg.disks {
-            let s = slot(next)?;
-            let ep = (iommu.is_some() && disk.iommu).then_some(s.index);
-            disks.push(desc(s, ep));
+            let endpoint_id = (iommu.is_some() && disk.iommu).then_some(next);
+            disks.push(slot(next, endpoint_id)?);
             next += 1;
         }
         Ok(DevicePlan { iommu, disks })
@@ -149,11 +138,6 @@ impl DeviceManager {
         };
         let plan = DevicePlan::new(cfg)?;
         if let Some(d) = plan.iommu {
-            let s = Slot {
-                index: 0,
-                base: d.base,
-                irq: d.irq,
-            };
             let iommu = Arc::new(Mutex::new(VirtioIommu::new().map_err(DeviceError::Iommu)?));
             let fault_fd = Arc::new(
                 iommu
@@ -166,7 +150,7 @@ impl DeviceManager {
             let dev: Arc<Mutex<dyn VirtioDevice>> = iommu.clone();
             // The IOMMU's own queues live in guest-physical memory.
             dm.attach(
-                &s,
+                &d,
                 "viommu",
                 dev,
                 device_memory(mem.clone(), None),
@@ -175,16 +159,11 @@ impl DeviceManager {
                 mmio,
                 interrupts,
             )?;
-            log::info!("virtio-iommu at {:#x}, IRQ {}", s.base, s.irq);
+            log::info!("virtio-iommu at {:#x}, IRQ {}", d.base, d.irq);
             dm.iommu_desc = Some(d);
             dm.iommu = Some(iommu);
         }
         for (i, (disk, d)) in cfg.disks.iter().zip(&plan.disks).enumerate() {
-            let s = Slot {
-                index: 0,
-                base: d.base,
-                irq: d.irq,
-            };
             let file = OpenOptions::new()
                 .read(true)
                 .write(!disk.read_only)
@@ -203,7 +182,7 @@ impl DeviceManager {
             let block = Arc::new(Mutex::new(block));
             let dev: Arc<Mutex<dyn VirtioDevice>> = block.clone();
             dm.attach(
-                &s,
+                d,
                 &format!("vblk{i}"),
                 dev,
                 device_memory(mem.clone(), endpoint),
@@ -215,8 +194,8 @@ impl DeviceManager {
             log::info!(
                 "virtio-blk {} at {:#x}, IRQ {}{}",
                 disk.path.display(),
-                s.base,
-                s.irq,
+                d.base,
+                d.irq,
                 d.endpoint_id
                     .map(|e| format!(", endpoint {e}"))
                     .unwrap_or_default()
@@ -230,7 +209,7 @@ impl DeviceManager {
     #[allow(clippy::too_many_arguments)]
     fn attach(
         &mut self,
-        s: &Slot,
+        s: &VirtioMmioDesc,
         name: &str,
         dev: Arc<Mutex<dyn VirtioDevice>>,
         dev_mem: devices::virtio::DeviceMemory,

@@ -47,21 +47,10 @@ extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Everything that can stop the VM, in one subscriber.
 struct StopSources {
     vcpu_wake: Arc<EventFd>,
-    vcpu_exits: *const Receiver<VmExit>,
+    vcpu_exits: Arc<Mutex<Receiver<VmExit>>>,
     power: ExitSignal,
     signal: Arc<EventFd>,
     reason: Option<VmExit>,
-}
-
-// SAFETY: `vcpu_exits` points at a Receiver owned by `run`'s caller that outlives the event
-// manager (both live in `run`'s frame), and it is only used on the event-loop thread.
-unsafe impl Send for StopSources {}
-
-impl StopSources {
-    fn receiver(&self) -> &Receiver<VmExit> {
-        // SAFETY: see the `Send` impl: the receiver outlives this subscriber.
-        unsafe { &*self.vcpu_exits }
-    }
 }
 
 impl MutEventSubscriber for StopSources {
@@ -81,7 +70,12 @@ impl MutEventSubscriber for StopSources {
         let fd = events.fd();
         if fd == self.vcpu_wake.as_raw_fd() {
             let _ = self.vcpu_wake.read();
-            if let Ok(r) = self.receiver().try_recv() {
+            let received = self
+                .vcpu_exits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_recv();
+            if let Ok(r) = received {
                 self.reason.get_or_insert(r);
             }
         } else if fd == self.power.eventfd().as_raw_fd() {
@@ -143,7 +137,7 @@ impl MutEventSubscriber for ConsoleIn {
 /// Runs the loop until something asks the VM to stop, and returns why.
 pub fn run(
     vcpu_wake: Arc<EventFd>,
-    vcpu_exits: &Receiver<VmExit>,
+    vcpu_exits: Arc<Mutex<Receiver<VmExit>>>,
     serial: Arc<Mutex<Serial>>,
     power: ExitSignal,
 ) -> Result<VmExit, EventLoopError> {
@@ -158,7 +152,7 @@ pub fn run(
         EventManager::new().map_err(EventLoopError::EventManager)?;
     let stop = Arc::new(Mutex::new(StopSources {
         vcpu_wake,
-        vcpu_exits: vcpu_exits as *const _,
+        vcpu_exits,
         power,
         signal: signal.clone(),
         reason: None,

@@ -99,12 +99,6 @@ pub trait RoutingBackend: Send + Sync {
     ) -> std::result::Result<(), kvm_ioctls::Error>;
     /// Attaches `fd` to `gsi`.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> std::result::Result<(), kvm_ioctls::Error>;
-    /// Detaches `fd` from `gsi`.
-    fn unregister_irqfd(
-        &self,
-        fd: &EventFd,
-        gsi: u32,
-    ) -> std::result::Result<(), kvm_ioctls::Error>;
     /// Injects an MSI from userspace.
     fn signal_msi(&self, msi: kvm_msi) -> std::result::Result<(), kvm_ioctls::Error>;
 }
@@ -118,13 +112,6 @@ impl RoutingBackend for VmFd {
     }
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> std::result::Result<(), kvm_ioctls::Error> {
         VmFd::register_irqfd(self, fd, gsi)
-    }
-    fn unregister_irqfd(
-        &self,
-        fd: &EventFd,
-        gsi: u32,
-    ) -> std::result::Result<(), kvm_ioctls::Error> {
-        VmFd::unregister_irqfd(self, fd, gsi)
     }
     fn signal_msi(&self, msi: kvm_msi) -> std::result::Result<(), kvm_ioctls::Error> {
         VmFd::signal_msi(self, msi).map(|_| ())
@@ -406,13 +393,6 @@ mod tests {
             gsi: u32,
         ) -> std::result::Result<(), kvm_ioctls::Error> {
             self.irqfds.lock().unwrap().push(gsi);
-            Ok(())
-        }
-        fn unregister_irqfd(
-            &self,
-            _: &EventFd,
-            _: u32,
-        ) -> std::result::Result<(), kvm_ioctls::Error> {
             Ok(())
         }
         fn signal_msi(&self, _: kvm_msi) -> std::result::Result<(), kvm_ioctls::Error> {

@@ -61,11 +61,13 @@ impl IrqRouter {
         }
     }
 
-    /// The route for a device's MSI message: translated through the remapping unit when there
-    /// is one, checked against the device's requester ID.
+    /// The route for a message from `source_id` (an IOAPIC pin's or a device's MSI):
+    /// translated through the remapping unit when there is one, checked against the requester
+    /// ID; `None` (no route, the interrupt is dropped) when blocked.
     fn msi_route(&mut self, gsi: u32, msg: MsiMessage, source_id: u16) -> Option<MsiMessage> {
         let routed = match &self.remap {
             Some(unit) => lock(unit).translate(msg, source_id).ok(),
+            // Without a remapping unit a remappable-format message means nothing.
             None => (!msg.is_remappable()).then_some(msg),
         };
         if routed.is_none() {
@@ -116,16 +118,8 @@ impl IrqRouter {
     fn pin_route(&mut self, pin: usize) -> Option<MsiMessage> {
         let msg = lock(&self.ioapic).pin_msi(pin)?;
         self.pin_index[pin] = remap_index(msg);
-        let routed = match &self.remap {
-            Some(unit) => lock(unit).translate(msg, self.ioapic_source_id).ok(),
-            // Without a remapping unit a remappable-format message means nothing.
-            None => (!msg.is_remappable()).then_some(msg),
-        };
-        if routed.is_none() {
-            self.blocked += 1;
-            log::debug!("irq: pin {pin} message {msg:x?} blocked");
-        }
-        routed
+        // Pin n is GSI n.
+        self.msi_route(pin as u32, msg, self.ioapic_source_id)
     }
 
     /// Recomputes the routes of the pins in `mask` and pushes them in one batch.

@@ -349,6 +349,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     // Devices.
     let exit_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?);
     let (exit_tx, exit_rx) = channel();
+    let exit_rx = Arc::new(Mutex::new(exit_rx));
     let exit = ExitSender::new(exit_tx, exit_wake.clone());
     let ioapic = Arc::new(Mutex::new(Ioapic::new(layout::IOAPIC_ID)));
     let remap = cfg
@@ -437,8 +438,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     }
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
-    let reason =
-        event_loop::run(exit_wake, &exit_rx, serial.clone(), power).map_err(VmError::EventLoop);
+    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power)
+        .map_err(VmError::EventLoop);
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
@@ -460,7 +461,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     })
 }
 
-fn drain_reason(rx: &Receiver<VmExit>) {
+fn drain_reason(rx: &Mutex<Receiver<VmExit>>) {
+    let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
     while let Ok(r) = rx.try_recv() {
         log::debug!("Further stop reason after the first: {r:?}");
     }
