@@ -2,12 +2,12 @@
 
 use std::process::Command;
 
-use e2e::vmm_binary;
+use e2e::{temp_path, vmm_binary};
 
+/// A fresh file per call: the tests run in parallel, and one test rewriting a file another
+/// is reading made them flaky.
 fn temp(name: &str, bytes: &[u8]) -> String {
-    let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    let p = temp_path(name);
     std::fs::write(&p, bytes).unwrap();
     p.to_str().unwrap().to_owned()
 }
