@@ -40,8 +40,10 @@ pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
 pub mod pm;
+pub mod ratelimit;
 pub mod remap;
 pub mod serial;
+pub mod sync;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
