@@ -302,6 +302,8 @@ pub struct GuestOutput {
     pub timeline: Vec<(Duration, bool, String)>,
     /// `GUEST_KMSG` lines (kernel log lines the `kmsg` check printed).
     pub kmsg: Vec<String>,
+    /// `GUEST_MARK` lines: label (`init`, `<check>.start`, `<check>.end`) → mark ID.
+    pub marks: BTreeMap<String, u64>,
 }
 
 impl GuestOutput {
@@ -324,6 +326,13 @@ impl GuestOutput {
             let passed = parts.next() == Some("PASS");
             let detail = parts.next().unwrap_or("").to_owned();
             self.checks.insert(name, (passed, detail));
+        }
+        if let Some(rest) = line.split("GUEST_MARK ").nth(1) {
+            if let Some((id, label)) = rest.split_once(' ') {
+                if let Ok(id) = id.parse() {
+                    self.marks.insert(label.trim().to_owned(), id);
+                }
+            }
         }
         if let Some(rest) = line.split("GUEST_KMSG ").nth(1) {
             self.kmsg.push(rest.to_owned());
@@ -409,21 +418,41 @@ impl GuestOutput {
         }
     }
 
-    /// Arrival time of the first serial line containing `needle`.
-    pub fn serial_time(&self, needle: &str) -> Option<Duration> {
-        self.timeline
-            .iter()
-            .find(|(_, err, l)| !err && l.contains(needle))
-            .map(|(t, _, _)| *t)
+    /// The VMM's counter snapshot at the guest's mark `label` (`--stats-json` `marks`).
+    pub fn mark_counters(&self, label: &str) -> &serde_json::Map<String, serde_json::Value> {
+        let id = *self
+            .marks
+            .get(label)
+            .unwrap_or_else(|| panic!("the guest wrote no mark {label}\n{}", self.transcript()));
+        let stats = self
+            .stats
+            .as_ref()
+            .unwrap_or_else(|| panic!("vmm wrote no stats\n{}", self.transcript()));
+        stats
+            .pointer("/marks")
+            .and_then(|m| m.as_array())
+            .and_then(|marks| {
+                marks
+                    .iter()
+                    .find(|m| m.pointer("/id").and_then(|v| v.as_u64()) == Some(id))
+            })
+            .and_then(|m| m.pointer("/counters"))
+            .and_then(|c| c.as_object())
+            .unwrap_or_else(|| panic!("no snapshot of mark {id} ({label}) in {stats}"))
     }
 
-    /// VMM stderr lines containing `needle` that arrived in `[from, to]`.
-    pub fn stderr_between(&self, needle: &str, from: Duration, to: Duration) -> Vec<&str> {
-        self.timeline
-            .iter()
-            .filter(|(t, err, l)| *err && *t >= from && *t <= to && l.contains(needle))
-            .map(|(_, _, l)| l.as_str())
-            .collect()
+    /// How much VMM counter `counter` grew while guest check `check` ran (between its
+    /// start and end marks). Exact: the VMM snapshots on the vCPU that writes the mark.
+    pub fn during(&self, check: &str, counter: &str) -> u64 {
+        let get = |label: String| {
+            self.mark_counters(&label)
+                .get(counter)
+                .and_then(|v| v.as_u64())
+                .unwrap_or_else(|| panic!("no counter {counter} at mark {label}"))
+        };
+        let (start, end) = (get(format!("{check}.start")), get(format!("{check}.end")));
+        assert!(end >= start, "{counter} went backwards during {check}");
+        end - start
     }
 
     /// Whether the kernel log (from the `kmsg` check) has a line containing `needle`.

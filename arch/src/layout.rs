@@ -95,6 +95,12 @@ pub const VIRTIO_IRQ_START: u32 = 5;
 pub const I8042_PORT: u16 = 0x60;
 /// ACPI hardware-reduced power management registers (reset, sleep control, sleep status).
 pub const PM_PORT: u16 = 0x600;
+/// Marker register (4 ports, `devices::marker`): a guest write of a 32-bit mark ID snapshots
+/// the VMM's counters; mark 1 is "init reached" (boot time). Not described by any firmware
+/// table: only the test guest's agent knows it.
+pub const MARKER_PORT: u16 = 0x640;
+/// Ports the marker register occupies.
+pub const MARKER_PORT_LEN: u16 = 4;
 
 /// Smallest guest memory we accept: the kernel, its initrd and the early allocator must fit.
 pub const MIN_MEMORY: u64 = 64 << 20;

@@ -39,6 +39,7 @@ pub mod exit;
 pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
+pub mod marker;
 pub mod pm;
 pub mod ratelimit;
 pub mod remap;

@@ -6,9 +6,11 @@
 pub mod config;
 pub mod device_manager;
 pub mod event_loop;
+pub mod fatal;
 pub mod interrupts;
 pub mod irq_routing;
 pub mod kernel;
+pub mod marks;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

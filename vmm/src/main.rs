@@ -30,12 +30,20 @@ fn init_logger(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+    let logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
-        .init();
+        .build();
+    let max = logger.filter();
+    // Dependencies that log guest-caused conditions (virtio-queue: an error per malformed
+    // chain) are re-levelled to debug and share the guest-message rate limit.
+    let filtered = devices::ratelimit::GuestLogFilter::new(logger, max);
+    if log::set_boxed_logger(Box::new(filtered)).is_ok() {
+        log::set_max_level(max);
+    }
 }
 
 fn main() -> ExitCode {
+    vmm::fatal::install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -2,7 +2,7 @@
 //! event loop. [`run`] reads as that checklist; each step is a small function.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use arch::cpuid::{filter_cpuid, VcpuTopology};
 use arch::layout;
 use arch::regs;
+use devices::marker::Marker;
 use devices::remap::{RemapStats, RemapUnit};
 use devices::{AcpiPm, Bus, ExitSignal, Ioapic, Serial, I8042};
 use firmware_tables::{DmarDesc, IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
@@ -23,9 +24,12 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceManager, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
-use crate::interrupts::{InterruptCounters, InterruptError, InterruptManager, IrqfdLine};
+use crate::interrupts::{
+    InterruptCounters, InterruptError, InterruptManager, InterruptStats, IrqfdLine,
+};
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
+use crate::marks::{CounterFn, MarkRecorder, MarkReport, RecorderSink};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
 /// `KVM_CAP_X2APIC_API` flags: 32-bit destination IDs in MSI routes and no broadcast quirk.
@@ -119,6 +123,23 @@ pub struct RunOutcome {
     pub irqs_blocked: u64,
     /// Wall time from VMM start to stop.
     pub elapsed: Duration,
+    /// Guest accesses handled by the VMM, per device (every one is a VM exit to userspace).
+    pub exits: ExitCounts,
+    /// Guest-written marks with counter snapshots, and the boot time.
+    pub marks: MarkReport,
+}
+
+/// Exits that reached the VMM, per bus device.
+#[derive(Debug, Clone, Default)]
+pub struct ExitCounts {
+    /// MMIO exits per device.
+    pub mmio: Vec<devices::bus::BusExits>,
+    /// Port I/O exits per device.
+    pub pio: Vec<devices::bus::BusExits>,
+    /// MMIO accesses no device claimed.
+    pub mmio_unclaimed: u64,
+    /// Port accesses no device claimed.
+    pub pio_unclaimed: u64,
 }
 
 /// Serial output: written straight through to stdout so prompts without a newline show.
@@ -362,14 +383,16 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
     )));
     let mut mmio = Bus::new();
-    mmio.insert(
+    mmio.insert_named(
+        "ioapic",
         Arc::new(Mutex::new(IoapicBus(router.clone()))),
         layout::IOAPIC_START,
         layout::IOAPIC_SIZE,
     )
     .map_err(VmError::Bus)?;
     if remap.is_some() {
-        mmio.insert(
+        mmio.insert_named(
+            "dmar",
             Arc::new(Mutex::new(RemapBus(router.clone()))),
             layout::DMAR_START,
             layout::DMAR_SIZE,
@@ -385,19 +408,31 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         Box::new(ConsoleOut),
     )));
     let mut pio = Bus::new();
-    pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), 8)
+    pio.insert_named("serial", serial.clone(), u64::from(layout::SERIAL_PORT), 8)
         .map_err(VmError::Bus)?;
     let power = ExitSignal::new().map_err(VmError::ExitSignal)?;
-    pio.insert(
+    pio.insert_named(
+        "acpi-pm",
         Arc::new(Mutex::new(AcpiPm::new(power.clone()))),
         u64::from(layout::PM_PORT),
         devices::pm::PM_REG_LEN,
     )
     .map_err(VmError::Bus)?;
-    pio.insert(
+    pio.insert_named(
+        "i8042",
         Arc::new(Mutex::new(I8042::new(power.clone()))),
         u64::from(layout::I8042_PORT),
         devices::i8042::I8042_PORT_LEN,
+    )
+    .map_err(VmError::Bus)?;
+    let marks = MarkRecorder::new(started);
+    pio.insert_named(
+        "marker",
+        Arc::new(Mutex::new(Marker::new(Box::new(RecorderSink(
+            marks.clone(),
+        ))))),
+        u64::from(layout::MARKER_PORT),
+        u64::from(layout::MARKER_PORT_LEN),
     )
     .map_err(VmError::Bus)?;
 
@@ -408,6 +443,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let rsdp = write_acpi(cfg, &dm, &mem)?;
     let boot = kernel::load(cfg, &mem, rsdp).map_err(VmError::Kernel)?;
     kernel::write_boot_tables(&mem, boot.protocol).map_err(VmError::Kernel)?;
+
+    marks.set_counters(mark_counters(&interrupts, &mmio, &pio));
+    // Clones share the exit counters.
+    let (mmio_counts, pio_counts) = (mmio.clone(), pio.clone());
 
     // vCPUs.
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmError::Signal)?;
@@ -458,7 +497,49 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).stats()),
         irqs_blocked,
         elapsed: started.elapsed(),
+        exits: ExitCounts {
+            mmio: mmio_counts.exits(),
+            pio: pio_counts.exits(),
+            mmio_unclaimed: mmio_counts.unclaimed(),
+            pio_unclaimed: pio_counts.unclaimed(),
+        },
+        marks: marks.report(),
     })
+}
+
+/// The counters each guest mark snapshots: interrupt delivery and routing, and every
+/// device's exits (atomics only: marks are taken on a vCPU).
+fn mark_counters(
+    interrupts: &Arc<InterruptManager>,
+    mmio: &Bus,
+    pio: &Bus,
+) -> Vec<(String, CounterFn)> {
+    let mut out: Vec<(String, CounterFn)> = Vec::new();
+    let stats = interrupts.stats();
+    for (name, pick) in [
+        (
+            "irqfd_triggers",
+            (|s: &InterruptStats| &s.irqfd_triggers) as fn(&InterruptStats) -> &AtomicU64,
+        ),
+        ("userspace_injected", |s| &s.userspace_injected),
+        ("routing_updates", |s| &s.routing_updates),
+        ("routes_rebuilt", |s| &s.routes_rebuilt),
+    ] {
+        let s = stats.clone();
+        out.push((
+            name.into(),
+            Box::new(move || pick(&s).load(Ordering::Relaxed)),
+        ));
+    }
+    for (bus, prefix) in [(mmio, "mmio_exits"), (pio, "pio_exits")] {
+        for (name, n) in bus.exit_counters() {
+            out.push((
+                format!("{prefix}.{name}"),
+                Box::new(move || n.load(Ordering::Relaxed)),
+            ));
+        }
+    }
+    out
 }
 
 fn drain_reason(rx: &Mutex<Receiver<VmExit>>) {

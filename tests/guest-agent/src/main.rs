@@ -10,6 +10,7 @@
 //! and refuses the checks that write to disks or spawn programs.
 
 mod checks;
+mod marker;
 mod parse;
 #[allow(dead_code)] // shared with host-side tests, which use all of it
 mod pattern;
@@ -53,6 +54,8 @@ fn main() {
             power_off();
         }
     }
+    let marks = pid1 && marker::enable();
+    marker::mark(marks, marker::MARK_INIT, "init");
     emit("GUEST_INIT_REACHED");
     if let Ok(up) = std::fs::read_to_string("/proc/uptime") {
         fact(
@@ -73,10 +76,13 @@ fn main() {
     };
 
     let (mut pass, mut fail) = (0, 0);
-    for name in cmdline.checks() {
+    for (k, name) in cmdline.checks().into_iter().enumerate() {
         emit(&format!("GUEST_RUN {name}"));
+        let (start_mark, end_mark) = marker::check_marks(k);
+        marker::mark(marks, start_mark, &format!("{name}.start"));
         let start = Instant::now();
         let result = checks::run(&ctx, &name);
+        marker::mark(marks, end_mark, &format!("{name}.end"));
         fact(&name, "elapsed_ms", start.elapsed().as_millis());
         match result {
             Ok(()) => {
