@@ -23,7 +23,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceManager, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
-use crate::interrupts::{InterruptCounters, InterruptError, InterruptManager, IrqfdLine};
+use crate::interrupts::{
+    InterruptCounters, InterruptError, InterruptManager, IrqfdLine, ParkedPoller,
+};
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
@@ -231,7 +233,7 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
         dmar: cfg.iommu_intremap.then_some(DmarDesc {
             register_base: layout::DMAR_START,
             ioapic_id: layout::IOAPIC_ID,
-            ioapic_source_id: firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
+            ioapic_source_id: layout::IOAPIC_SOURCE_ID,
         }),
     }
 }
@@ -351,16 +353,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let (exit_tx, exit_rx) = channel();
     let exit_rx = Arc::new(Mutex::new(exit_rx));
     let exit = ExitSender::new(exit_tx, exit_wake.clone());
-    let ioapic = Arc::new(Mutex::new(Ioapic::new(layout::IOAPIC_ID)));
-    let remap = cfg
-        .iommu_intremap
-        .then(|| Arc::new(Mutex::new(RemapUnit::new(mem.clone()))));
-    let router = Arc::new(Mutex::new(IrqRouter::new(
-        ioapic.clone(),
-        remap.clone(),
+    let remap = cfg.iommu_intremap.then(|| RemapUnit::new(mem.clone()));
+    let with_remap = remap.is_some();
+    let router = IrqRouter::new(
+        Ioapic::new(layout::IOAPIC_ID),
+        remap,
         interrupts.clone(),
-        firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
-    )));
+        layout::IOAPIC_SOURCE_ID,
+    );
     let mut mmio = Bus::new();
     mmio.insert(
         Arc::new(Mutex::new(IoapicBus(router.clone()))),
@@ -368,7 +368,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         layout::IOAPIC_SIZE,
     )
     .map_err(VmError::Bus)?;
-    if remap.is_some() {
+    if with_remap {
         mmio.insert(
             Arc::new(Mutex::new(RemapBus(router.clone()))),
             layout::DMAR_START,
@@ -415,7 +415,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
-        ioapic: ioapic.clone(),
+        eoi: router.clone(),
         exit: exit.clone(),
         stop: stop.clone(),
     };
@@ -438,24 +438,29 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     }
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
-    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power)
+    let parked = Arc::new(Mutex::new(ParkedPoller::new(interrupts.clone())));
+    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power, parked)
         .map_err(VmError::EventLoop);
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
     drain_reason(&exit_rx);
 
-    let ioapic_stats = ioapic.lock().unwrap_or_else(|e| e.into_inner()).stats();
-    let irqs_blocked = router.lock().unwrap_or_else(|e| e.into_inner()).blocked();
+    let (ioapic_stats, irqs_blocked, remap_stats) = {
+        let router = devices::sync::lock(&router);
+        (
+            router.ioapic_stats(),
+            router.blocked(),
+            router.remap_stats(),
+        )
+    };
     Ok(RunOutcome {
         exit: reason,
         interrupts: interrupts.counters(),
         serial_irqs: serial_line.triggers(),
         ioapic: ioapic_stats,
         devices: dm.stats(),
-        remap: remap
-            .as_ref()
-            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).stats()),
+        remap: remap_stats,
         irqs_blocked,
         elapsed: started.elapsed(),
     })
