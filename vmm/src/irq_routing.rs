@@ -484,3 +484,347 @@ impl BusDevice for RemapBus {
         lock(&self.0).remap_write(offset, data);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupts::tests::{manager, Recorder};
+    use crate::interrupts::{IrqfdLine, RoutingBackend};
+    use devices::remap::regs::*;
+    use devices::InterruptLine;
+    use kvm_bindings::{kvm_msi, KvmIrqRouting};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const IRT_BASE: u64 = 0x1_0000;
+    const IQ_BASE: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    const SID: u16 = 0xff00;
+    /// Fault-event message the guest programs.
+    const FE_DATA: u32 = 0x41;
+    const FE_ADDR: u32 = 0xfee0_0000;
+
+    struct Vm {
+        mem: GuestMemoryMmap,
+        router: Arc<Mutex<IrqRouter>>,
+        rec: Arc<Recorder>,
+        im: Arc<InterruptManager>,
+        tail: u64,
+    }
+
+    /// An IRTE: present, fixed, physical APIC 0, `vector`.
+    fn irte(vector: u8) -> u128 {
+        1 | u128::from(vector) << 16
+    }
+
+    impl Vm {
+        /// A router with a unit brought up as Linux does (QI, x2APIC table of 256 entries,
+        /// IRE), fault events unmasked.
+        fn new() -> Vm {
+            let (rec, im) = manager();
+            Vm::with(rec, im)
+        }
+
+        fn with(rec: Arc<Recorder>, im: Arc<InterruptManager>) -> Vm {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let router = IrqRouter::new(
+                Ioapic::new(0),
+                Some(RemapUnit::new(mem.clone())),
+                im.clone(),
+                SID,
+            );
+            let mut vm = Vm {
+                mem,
+                router,
+                rec,
+                im,
+                tail: 0,
+            };
+            vm.w64(DMAR_IQT_REG, 0);
+            vm.w64(DMAR_IQA_REG, IQ_BASE);
+            vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE);
+            vm.w64(DMAR_IRTA_REG, IRT_BASE | 1 << 11 | 7);
+            vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_SIRTP);
+            vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
+            vm.w32(DMAR_FEDATA_REG, FE_DATA);
+            vm.w32(DMAR_FEADDR_REG, FE_ADDR);
+            vm.w32(DMAR_FECTL_REG, 0);
+            vm
+        }
+
+        fn w32(&mut self, off: u64, v: u32) {
+            lock(&self.router).remap_write(off, &v.to_le_bytes());
+        }
+
+        fn w64(&mut self, off: u64, v: u64) {
+            lock(&self.router).remap_write(off, &v.to_le_bytes());
+        }
+
+        fn put_irte(&self, index: u64, raw: u128) {
+            self.mem
+                .write_obj(raw, GuestAddress(IRT_BASE + 16 * index))
+                .unwrap();
+        }
+
+        /// Linux's qi_submit_sync: `descs`, a status-write wait, the tail write.
+        fn submit(&mut self, descs: &[[u64; 2]]) {
+            self.mem.write_obj(0u32, GuestAddress(STATUS)).unwrap();
+            let wait = [5 | 1 << 5 | 2 << 32, STATUS];
+            for d in descs.iter().chain([&wait]) {
+                self.mem
+                    .write_obj(d[0], GuestAddress(IQ_BASE + self.tail))
+                    .unwrap();
+                self.mem
+                    .write_obj(d[1], GuestAddress(IQ_BASE + self.tail + 8))
+                    .unwrap();
+                self.tail = (self.tail + 16) % 4096;
+            }
+            let tail = self.tail;
+            self.w64(DMAR_IQT_REG, tail);
+            assert_eq!(self.mem.read_obj::<u32>(GuestAddress(STATUS)).unwrap(), 2);
+        }
+
+        /// Programs IOAPIC `pin` in remappable format onto IRTE `index`, unmasked.
+        fn program_pin(&mut self, pin: u32, index: u64) {
+            let rte = index << 49 | 1 << 48 | u64::from(pin);
+            let mut r = lock(&self.router);
+            for (reg, val) in [
+                (0x10 + 2 * pin, rte as u32),
+                (0x11 + 2 * pin, (rte >> 32) as u32),
+            ] {
+                r.ioapic_write(0x00, &reg.to_le_bytes());
+                r.ioapic_write(0x10, &val.to_le_bytes());
+            }
+        }
+
+        fn tables(&self) -> usize {
+            self.rec.tables.lock().unwrap().len()
+        }
+
+        fn signalled(&self) -> Vec<(u32, u32)> {
+            self.rec.signalled.lock().unwrap().clone()
+        }
+
+        fn faults(&self) -> u64 {
+            lock(&self.router).remap_stats().unwrap().faults_recorded
+        }
+    }
+
+    fn selective_iec(index: u64) -> [u64; 2] {
+        [4 | 1 << 4 | index << 32, 0]
+    }
+
+    fn remappable(index: u64) -> MsiMessage {
+        MsiMessage {
+            address: 0xfee0_0000 | index << 5 | 1 << 4,
+            data: 0,
+        }
+    }
+
+    #[test]
+    fn index_selective_invalidation_rebuilds_only_the_affected_route() {
+        let mut vm = Vm::new();
+        vm.put_irte(1, irte(0x31));
+        vm.put_irte(2, irte(0x32));
+        vm.program_pin(4, 1);
+        vm.program_pin(5, 2);
+        assert_eq!(vm.im.route(4).map(|m| m.data), Some(0x31));
+        let before = (vm.tables(), vm.im.counters().routes_rebuilt);
+
+        vm.put_irte(2, irte(0x42));
+        vm.submit(&[selective_iec(2)]);
+        assert_eq!(vm.im.route(5).map(|m| m.data), Some(0x42));
+        assert_eq!(vm.im.route(4).map(|m| m.data), Some(0x31));
+        let after = (vm.tables(), vm.im.counters().routes_rebuilt);
+        assert_eq!(after.0 - before.0, 1, "one KVM_SET_GSI_ROUTING");
+        assert_eq!(after.1 - before.1, 1, "only pin 5's route was rebuilt");
+    }
+
+    #[test]
+    fn a_global_invalidation_covering_pins_and_msi_sources_is_one_push() {
+        let mut vm = Vm::new();
+        for i in 1..=4 {
+            vm.put_irte(i, irte(0x30 + i as u8));
+        }
+        vm.program_pin(4, 1);
+        vm.program_pin(5, 2);
+        let before = vm.tables();
+        lock(&vm.router).set_msi_sources(&[
+            MsiSource {
+                gsi: 24,
+                msg: Some(remappable(3)),
+                source_id: 0x10,
+            },
+            MsiSource {
+                gsi: 25,
+                msg: Some(remappable(4)),
+                source_id: 0x18,
+            },
+        ]);
+        assert_eq!(vm.tables() - before, 1, "set_msi_sources is one push");
+
+        for i in 1..=4 {
+            vm.put_irte(i, irte(0x50 + i as u8));
+        }
+        let before = (vm.tables(), vm.im.counters().routes_rebuilt);
+        vm.submit(&[[4, 0]]); // global IEC
+        assert_eq!(
+            vm.tables() - before.0,
+            1,
+            "one push for pins and MSI sources"
+        );
+        assert_eq!(vm.im.counters().routes_rebuilt - before.1, 4);
+        assert_eq!(vm.im.route(25).map(|m| m.data), Some(0x54));
+    }
+
+    #[test]
+    fn rte_onto_a_bad_irte_parks_the_pin_and_its_trigger_raises_the_fault_event() {
+        let mut vm = Vm::new();
+        let line = vm.im.irqfd_line(4).unwrap();
+        vm.program_pin(4, 9); // IRTE 9 is not present
+        assert_eq!(vm.im.route(4), None);
+        assert!(vm.im.is_parked(4));
+        assert_eq!(vm.faults(), 0, "computing the route records nothing");
+        assert!(vm.signalled().is_empty());
+
+        line.trigger().unwrap();
+        assert_eq!(vm.im.service_all_parked(), 1);
+        assert_eq!(vm.faults(), 1);
+        assert_eq!(
+            vm.signalled(),
+            vec![(FE_ADDR, FE_DATA)],
+            "the fault event is injected at once"
+        );
+        let c = vm.im.counters();
+        assert_eq!(
+            (c.blocked_requests, c.fault_events, c.signal_msi),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_parked_source_records_one_fault_per_trigger() {
+        let mut vm = Vm::new();
+        let line = vm.im.irqfd_line(6).unwrap();
+        vm.program_pin(6, 9);
+        for n in 1..=3 {
+            line.trigger().unwrap();
+            vm.im.service_all_parked();
+            assert_eq!(vm.faults(), n);
+        }
+        assert_eq!(lock(&vm.router).blocked(), 3);
+        // One event: the later faults arrive while the first is pending (PPF).
+        assert_eq!(vm.signalled().len(), 1);
+    }
+
+    #[test]
+    fn a_global_invalidation_does_not_refault_blocked_sources() {
+        let mut vm = Vm::new();
+        let _line = vm.im.irqfd_line(7).unwrap();
+        vm.program_pin(7, 9);
+        vm.submit(&[[4, 0]]);
+        vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE); // IRE off ...
+        vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE); // ... and on again
+        assert_eq!(vm.faults(), 0);
+        assert!(vm.signalled().is_empty());
+    }
+
+    #[test]
+    fn fixing_the_irte_unparks_the_source_and_reattaches_its_irqfd() {
+        let mut vm = Vm::new();
+        let line: Arc<IrqfdLine> = vm.im.irqfd_line(8).unwrap();
+        vm.program_pin(8, 9);
+        assert!(!vm.rec.irqfds.lock().unwrap().contains(&8));
+        vm.put_irte(9, irte(0x39));
+        vm.submit(&[selective_iec(9)]);
+        assert_eq!(vm.im.route(8).map(|m| m.data), Some(0x39));
+        assert!(!vm.im.is_parked(8));
+        assert!(vm.rec.irqfds.lock().unwrap().contains(&8));
+        line.trigger().unwrap();
+        assert_eq!(vm.im.service_all_parked(), 0, "KVM's again");
+        assert_eq!(vm.faults(), 0);
+    }
+
+    /// A backend that records the guest's wait-status word at every routing push.
+    struct StatusProbe {
+        inner: Arc<Recorder>,
+        mem: Mutex<Option<GuestMemoryMmap>>,
+        seen: Mutex<Vec<u32>>,
+    }
+
+    impl RoutingBackend for StatusProbe {
+        fn set_gsi_routing(&self, r: &KvmIrqRouting) -> std::result::Result<(), kvm_ioctls::Error> {
+            if let Some(mem) = &*self.mem.lock().unwrap() {
+                let status = mem.read_obj::<u32>(GuestAddress(STATUS)).unwrap();
+                self.seen.lock().unwrap().push(status);
+            }
+            self.inner.set_gsi_routing(r)
+        }
+        fn register_irqfd(
+            &self,
+            fd: &EventFd,
+            gsi: u32,
+        ) -> std::result::Result<(), kvm_ioctls::Error> {
+            self.inner.register_irqfd(fd, gsi)
+        }
+        fn unregister_irqfd(
+            &self,
+            fd: &EventFd,
+            gsi: u32,
+        ) -> std::result::Result<(), kvm_ioctls::Error> {
+            self.inner.unregister_irqfd(fd, gsi)
+        }
+        fn signal_msi(&self, msi: kvm_msi) -> std::result::Result<(), kvm_ioctls::Error> {
+            self.inner.signal_msi(msi)
+        }
+    }
+
+    #[test]
+    fn routes_reach_kvm_before_the_wait_descriptor_completes() {
+        let probe = Arc::new(StatusProbe {
+            inner: Arc::new(Recorder::default()),
+            mem: Mutex::new(None),
+            seen: Mutex::new(Vec::new()),
+        });
+        let im = Arc::new(InterruptManager::new(probe.clone(), 24, (24, 27)));
+        let mut vm = Vm::with(probe.inner.clone(), im);
+        vm.put_irte(1, irte(0x31));
+        vm.program_pin(4, 1);
+        *probe.mem.lock().unwrap() = Some(vm.mem.clone());
+
+        vm.put_irte(1, irte(0x51));
+        vm.submit(&[selective_iec(1)]);
+        assert_eq!(
+            *probe.seen.lock().unwrap(),
+            vec![0],
+            "the route was pushed while the status word still read 0"
+        );
+        assert_eq!(vm.im.route(4).map(|m| m.data), Some(0x51));
+    }
+
+    #[test]
+    fn eoi_exits_are_counted() {
+        let vm = Vm::new();
+        vm.router.ioapic_eoi(0x30);
+        vm.router.ioapic_eoi(0x31);
+        assert_eq!(vm.im.counters().ioapic_eoi_exits, 2);
+        assert_eq!(lock(&vm.router).ioapic_stats().eois, 2);
+    }
+
+    #[test]
+    fn without_a_unit_remappable_messages_are_parked_and_compat_ones_routed() {
+        let (rec, im) = manager();
+        let router = IrqRouter::new(Ioapic::new(0), None, im.clone(), SID);
+        let _line = im.irqfd_line(24).unwrap();
+        lock(&router).set_msi_source(24, Some(remappable(1)), 0x10);
+        assert!(im.is_parked(24));
+        let compat = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x33,
+        };
+        lock(&router).set_msi_source(24, Some(compat), 0x10);
+        assert!(!im.is_parked(24));
+        assert_eq!(im.route(24), Some(compat));
+        assert!(rec.signalled.lock().unwrap().is_empty());
+    }
+}
