@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use devices::sync::lock;
 use devices::{InterruptLine, MsiMessage};
@@ -190,10 +190,18 @@ struct State {
     routes: BTreeMap<u32, MsiMessage>,
     /// MSI GSIs handed out.
     allocated: BTreeSet<u32>,
-    /// The eventfd of each GSI's interrupt line.
-    lines: BTreeMap<u32, Arc<EventFd>>,
+    /// The eventfd of each GSI's interrupt line (weak: dropping the line closes it, which
+    /// also detaches it from KVM).
+    lines: BTreeMap<u32, Weak<EventFd>>,
     /// Parked GSIs and who to tell when they fire.
     parked: BTreeMap<u32, Arc<dyn ParkedHandler>>,
+}
+
+impl State {
+    /// The live eventfd of `gsi`'s line.
+    fn line(&self, gsi: u32) -> Option<Arc<EventFd>> {
+        self.lines.get(&gsi).and_then(Weak::upgrade)
+    }
 }
 
 /// Owns the GSI space, the route table and the irqfds.
@@ -365,7 +373,7 @@ impl InterruptManager {
     pub fn irqfd_line(&self, gsi: u32) -> Result<Arc<IrqfdLine>> {
         self.check_gsi(gsi)?;
         let mut state = self.lock();
-        if state.lines.contains_key(&gsi) {
+        if state.line(gsi).is_some() {
             return Err(InterruptError::GsiInUse(gsi));
         }
         let fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?);
@@ -377,7 +385,7 @@ impl InterruptManager {
                 .map_err(|source| InterruptError::RegisterIrqfd { gsi, source })?;
             self.stats.irqfds.fetch_add(1, Ordering::Relaxed);
         }
-        state.lines.insert(gsi, Arc::clone(&fd));
+        state.lines.insert(gsi, Arc::downgrade(&fd));
         Ok(Arc::new(IrqfdLine {
             fd,
             gsi,
@@ -402,8 +410,8 @@ impl InterruptManager {
         if state.parked.insert(gsi, handler).is_some() {
             return Ok(());
         }
-        if let Some(fd) = state.lines.get(&gsi) {
-            if let Err(source) = self.backend.unregister_irqfd(fd, gsi) {
+        if let Some(fd) = state.line(gsi) {
+            if let Err(source) = self.backend.unregister_irqfd(&fd, gsi) {
                 state.parked.remove(&gsi);
                 return Err(InterruptError::UnregisterIrqfd { gsi, source });
             }
@@ -421,7 +429,7 @@ impl InterruptManager {
         if state.parked.remove(&gsi).is_none() {
             return Ok(0);
         }
-        let Some(fd) = state.lines.get(&gsi).cloned() else {
+        let Some(fd) = state.line(gsi) else {
             return Ok(0);
         };
         // Non-blocking: EAGAIN means nothing is pending.
@@ -444,7 +452,7 @@ impl InterruptManager {
         state
             .parked
             .keys()
-            .filter_map(|gsi| state.lines.get(gsi).map(|fd| (fd.as_raw_fd(), *gsi)))
+            .filter_map(|gsi| state.line(*gsi).map(|fd| (fd.as_raw_fd(), *gsi)))
             .collect()
     }
 
@@ -453,7 +461,7 @@ impl InterruptManager {
     pub fn service_parked(&self, gsi: u32) -> u64 {
         let (count, handler) = {
             let state = self.lock();
-            let (Some(handler), Some(fd)) = (state.parked.get(&gsi), state.lines.get(&gsi)) else {
+            let (Some(handler), Some(fd)) = (state.parked.get(&gsi), state.line(gsi)) else {
                 return 0;
             };
             (fd.read().unwrap_or(0), Arc::clone(handler))
@@ -761,8 +769,11 @@ pub(crate) mod tests {
     #[test]
     fn one_line_per_gsi() {
         let (_, im) = manager();
-        let _line = im.irqfd_line(4).unwrap();
+        let line = im.irqfd_line(4).unwrap();
         assert!(matches!(im.irqfd_line(4), Err(InterruptError::GsiInUse(4))));
+        // Dropping the line closes its eventfd (KVM detaches a closed irqfd): the GSI is free.
+        drop(line);
+        assert!(im.irqfd_line(4).is_ok());
     }
 
     #[derive(Default)]

@@ -428,7 +428,7 @@ impl IrqRouter {
             }
             // Unparked meanwhile (the poller read the eventfd just before): the requests
             // were made while it was blocked, but what blocked them is gone.
-            Route::Routed(_) | Route::Masked => log::debug!(
+            Route::Routed(_) | Route::Masked => devices::guest_debug!(
                 "irq: {count} trigger(s) of GSI {gsi} seen after it was unparked; dropped"
             ),
         }

@@ -543,10 +543,7 @@ fn each_wait_descriptor_fences_the_invalidations_before_it() {
     // the second.
     assert_eq!(
         probe.seen,
-        vec![
-            (RouteInvalidation::Indices(vec![3..4]), 0),
-            (RouteInvalidation::Indices(vec![9..10]), QI_DONE),
-        ]
+        vec![(single(3..4), 0), (single(9..10), QI_DONE),]
     );
     assert_eq!(g.status(second_status), QI_DONE);
 }
