@@ -116,10 +116,10 @@ const MSI_ADDR_DEST_INDEX_SHIFT: u32 = 4;
 ///
 /// - Compatibility format (bit 48 = 0): destination (bits 63:56) lands in address bits 19:12,
 ///   destination mode (bit 11) in address bit 2. Bits 55:49 land in address bits 11:5, where
-///   KVM's extended destination ID would be (APIC ID bits 14:8). This VMM does not advertise
-///   `KVM_FEATURE_MSI_EXT_DEST_ID` and supports at most 254 CPUs (wider APIC IDs go through
-///   interrupt remapping), so a guest leaves those bits 0; nothing moves them to
-///   `address_hi`, and KVM reads them as reserved address bits.
+///   a guest puts the extended destination ID (APIC ID bits 14:8) when the hypervisor offers
+///   `KVM_FEATURE_MSI_EXT_DEST_ID`. This VMM does not offer it and has at most 254 CPUs
+///   (`arch::layout::MAX_CPUS`), so a guest leaves those bits 0. Nothing moves them to
+///   `address_hi` (QEMU does, in `kvm_arch_fixup_msi_route`); KVM ignores address bits 11:5.
 /// - Remappable format (bit 48 = 1): handle\[14:0\] (bits 63:49) lands in address bits 19:5, the
 ///   format bit in address bit 4 and handle\[15\] (bit 11) in address bit 2, which is exactly the
 ///   remappable MSI address layout; SHV (address bit 3) stays 0, so the data (the vector field,

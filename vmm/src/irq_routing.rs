@@ -385,6 +385,12 @@ impl IrqRouter {
 
     /// Sets how devices programmed MSI sources (`msg: None`: masked) and sends all the
     /// resulting route changes to KVM in one batch.
+    ///
+    /// A masked source has no route and KVM drops its triggers (IOAPIC-pin semantics). MSI-X
+    /// needs pending bits instead: that belongs here too, as a masked-pending route state
+    /// whose source is parked with a handler setting the PBA bit and whose unmask re-triggers
+    /// the eventfd once after unparking; the router must stay the only one parking its
+    /// sources' GSIs, or its block/unblock transitions would undo the MSI-X layer's.
     pub fn set_msi_sources(&mut self, sources: &[MsiSource]) {
         for s in sources {
             if (s.gsi as usize) < PINS {
