@@ -162,7 +162,7 @@ fn assert_fio_exits(out: &GuestOutput) {
     );
     assert_eq!(isr, acks, "each interrupt is one status read and one ACK");
     assert!(isr <= irqs, "more handler runs than interrupts raised");
-    assert_eq!(out.during("fio", "userspace_injected"), 0);
+    assert_eq!(out.during("fio", "signal_msi"), 0);
     assert_eq!(out.during("fio", "ioapic_eoi_exits"), 0);
 }
 

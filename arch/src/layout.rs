@@ -77,6 +77,9 @@ pub const MSI_WINDOW_SIZE: u64 = 0x10_0000;
 
 /// IOAPIC ID (also in the MADT and the DMAR device scope).
 pub const IOAPIC_ID: u8 = 0;
+/// Requester ID (bus 0xFF, devfn 0, as QEMU's) of the IOAPIC's interrupts: the DMAR device
+/// scope announces it and the interrupt router checks IRTEs against it. One value for both.
+pub const IOAPIC_SOURCE_ID: u16 = 0xff00;
 /// Number of IOAPIC pins; GSIs `0..IOAPIC_PINS` are the pins and are reserved for the
 /// userspace IOAPIC when KVM's split irqchip is enabled.
 pub const IOAPIC_PINS: u32 = 24;

@@ -7,8 +7,9 @@
 //! redirection table and to turn each entry into the MSI message the IOAPIC would emit
 //! ([`Ioapic::pin_msi`], built on the pure [`rte_to_msi`]). The VMM programs that message as
 //! the KVM MSI route of the pin's GSI and attaches the device's irqfd to it, so a device
-//! interrupt reaches the LAPIC without leaving the kernel. After every guest MMIO write the VMM
-//! asks [`Ioapic::take_dirty_pins`] which routes to recompute.
+//! interrupt reaches the LAPIC without leaving the kernel. Guest writes go through
+//! [`Ioapic::write`], which pushes every changed entry's new message into the caller's
+//! [`IoapicSink`] (the VMM's interrupt router), so no change can be left unrouted.
 //!
 //! Once the guest enables interrupt remapping, entries are in remappable format and
 //! [`rte_to_msi`] yields a remappable-format message ([`MsiMessage::is_remappable`]); the VMM
@@ -22,18 +23,17 @@
 //! Indirect registers: ID 0x00, VER 0x01, ARB 0x02, then the redirection table at
 //! `0x10 + 2 * pin` (low dword) and `0x11 + 2 * pin` (high dword).
 //!
-//! # Level-triggered pins and Remote IRR
+//! # Edge only
 //!
-//! Devices behind this IOAPIC are treated as edge sources: split irqchip has no resample
-//! eventfd, so the platform declares its interrupts edge-triggered. Remote IRR is therefore only
-//! set when the VMM delivers a level-triggered pin through [`Ioapic::deliver`]; EOIs (the EOI
-//! register, or KVM's `KVM_EXIT_IOAPIC_EOI` passed to [`Ioapic::end_of_interrupt`]) clear it and
-//! report which pins were released so the VMM can deliver again if the source is still
-//! asserted.
+//! Every device behind this IOAPIC is an edge source: split irqchip has no resample eventfd,
+//! and the platform's firmware tables declare every pin edge-triggered. This model implements
+//! no level semantics: Remote IRR is never set (it reads 0), a level-triggered entry is routed
+//! exactly as its message says, and EOIs (the EOI register, or the VMM passing KVM's
+//! `KVM_EXIT_IOAPIC_EOI` to [`Ioapic::end_of_interrupt`]) are only counted. A guest that
+//! programs a level-triggered entry gets one interrupt per device trigger, as with edge.
 
-use log::{debug, warn};
+use log::warn;
 
-use crate::bus::BusDevice;
 use crate::interrupt::MsiMessage;
 
 /// Number of redirection-table entries (pins).
@@ -43,8 +43,24 @@ pub const IOAPIC_WINDOW_SIZE: u64 = 0x1000;
 /// Value of the VER register's version field: 0x20 has the EOI register (ICH style).
 pub const IOAPIC_VERSION: u8 = 0x20;
 
-/// Bit mask covering every pin, as returned by [`Ioapic::take_dirty_pins`].
-const ALL_PINS: u32 = (1 << IOAPIC_NUM_PINS) - 1;
+/// Where the IOAPIC pushes redirection-entry changes (the VMM's interrupt router).
+pub trait IoapicSink {
+    /// `pin`'s entry changed; `msg` is the message it now emits (`None`: masked).
+    fn pin_changed(&mut self, pin: usize, msg: Option<MsiMessage>);
+}
+
+/// An [`IoapicSink`] that only records which pins changed (bit `n` = pin `n`); for tests and
+/// for callers that recompute routes themselves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangedPins(pub u32);
+
+impl IoapicSink for ChangedPins {
+    fn pin_changed(&mut self, pin: usize, _msg: Option<MsiMessage>) {
+        if pin < IOAPIC_NUM_PINS {
+            self.0 |= 1 << pin;
+        }
+    }
+}
 
 // Direct (MMIO) register offsets.
 const IOREGSEL_OFFSET: u64 = 0x00;
@@ -70,12 +86,12 @@ const RTE_DELIVERY_MODE_MASK: u64 = 0x7;
 /// Destination mode (compatibility format) or handle bit 15 (remappable format).
 const RTE_DEST_MODE_SHIFT: u32 = 11;
 const RTE_DELIVERY_STATUS: u64 = 1 << 12;
+/// Remote IRR: never set by this edge-only model.
 const RTE_REMOTE_IRR: u64 = 1 << 14;
 const RTE_TRIGGER_MODE_SHIFT: u32 = 15;
-const RTE_TRIGGER_LEVEL: u64 = 1 << RTE_TRIGGER_MODE_SHIFT;
 const RTE_MASKED: u64 = 1 << 16;
-/// Bits 63:48: destination (63:56) + KVM extended destination ID (55:49) + format (48 = 0) in
-/// compatibility format, or handle\[14:0\] (63:49) + format (48 = 1) in remappable format.
+/// Bits 63:48: destination (63:56) + bits 55:49 + format (48 = 0) in compatibility format, or
+/// handle\[14:0\] (63:49) + format (48 = 1) in remappable format.
 const RTE_DEST_INDEX_SHIFT: u32 = 48;
 const RTE_DEST_INDEX_MASK: u64 = 0xffff;
 /// Bits the guest cannot write: delivery status and Remote IRR.
@@ -83,13 +99,15 @@ const RTE_READ_ONLY: u64 = RTE_DELIVERY_STATUS | RTE_REMOTE_IRR;
 /// Reset value of an entry: masked, everything else zero.
 const RTE_RESET: u64 = RTE_MASKED;
 
-// MSI message fields (Intel SDM vol. 3 11.11; VT-d 5.1.2).
-const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+// MSI message fields (Intel SDM vol. 3 11.11; VT-d 5.1.2): the shared definitions.
+use crate::interrupt::msi::{
+    ADDRESS_BASE as MSI_ADDRESS_BASE, ADDR_DM_SHIFT as MSI_ADDR_DEST_MODE_SHIFT,
+    DATA_DELIVERY_MODE_SHIFT as MSI_DATA_DELIVERY_MODE_SHIFT,
+    DATA_LEVEL_ASSERT_SHIFT as MSI_DATA_LEVEL_ASSERT_SHIFT,
+    DATA_TRIGGER_SHIFT as MSI_DATA_TRIGGER_SHIFT,
+};
+/// RTE bits 63:48 land in address bits 19:4 (both formats).
 const MSI_ADDR_DEST_INDEX_SHIFT: u32 = 4;
-const MSI_ADDR_DEST_MODE_SHIFT: u32 = 2;
-const MSI_DATA_DELIVERY_MODE_SHIFT: u32 = 8;
-const MSI_DATA_LEVEL_ASSERT_SHIFT: u32 = 14;
-const MSI_DATA_TRIGGER_SHIFT: u32 = 15;
 
 /// The MSI message an IOAPIC emits for redirection-table entry `rte`, ignoring the mask bit.
 ///
@@ -97,17 +115,19 @@ const MSI_DATA_TRIGGER_SHIFT: u32 = 15;
 /// become address bits 19:4 and RTE bit 11 becomes address bit 2.
 ///
 /// - Compatibility format (bit 48 = 0): destination (bits 63:56) lands in address bits 19:12,
-///   destination mode (bit 11) in address bit 2. Bits 55:49 land in address bits 11:5: KVM's
-///   extended destination ID (APIC ID bits 14:8, used by guests when the hypervisor offers
-///   `KVM_FEATURE_MSI_EXT_DEST_ID`). The message keeps them there, in the guest's layout; the
-///   VMM moves them to `address_hi` when it builds the KVM route, as KVM expects.
+///   destination mode (bit 11) in address bit 2. Bits 55:49 land in address bits 11:5, where
+///   a guest puts the extended destination ID (APIC ID bits 14:8) when the hypervisor offers
+///   `KVM_FEATURE_MSI_EXT_DEST_ID`. This VMM does not offer it and has at most 254 CPUs
+///   (`arch::layout::MAX_CPUS`), so a guest leaves those bits 0. Nothing moves them to
+///   `address_hi` (QEMU does, in `kvm_arch_fixup_msi_route`); KVM ignores address bits 11:5.
 /// - Remappable format (bit 48 = 1): handle\[14:0\] (bits 63:49) lands in address bits 19:5, the
 ///   format bit in address bit 4 and handle\[15\] (bit 11) in address bit 2, which is exactly the
 ///   remappable MSI address layout; SHV (address bit 3) stays 0, so the data (the vector field,
 ///   where Linux puts the pin number) is not part of the IRTE index.
 ///
 /// Data: vector (bits 7:0), delivery mode (bits 10:8), trigger mode in bit 15, and the level
-/// "assert" bit 14 set for level-triggered entries (KVM always asserts; the bit is for fidelity).
+/// "assert" bit 14 set for level-triggered entries (KVM always asserts; the bit is for fidelity;
+/// the model is edge-only, see the [module documentation](self)).
 /// Polarity, delivery status, Remote IRR and the mask bit do not appear in the message.
 pub fn rte_to_msi(rte: u64) -> MsiMessage {
     let dest_index = (rte >> RTE_DEST_INDEX_SHIFT) & RTE_DEST_INDEX_MASK;
@@ -136,7 +156,8 @@ pub fn rte_to_msi(rte: u64) -> MsiMessage {
 pub struct IoapicStats {
     /// Guest writes to a redirection-table dword (low or high half), changed or not.
     pub rte_writes: u64,
-    /// EOIs received, from the EOI register or from [`Ioapic::end_of_interrupt`].
+    /// EOIs received, from the EOI register or from [`Ioapic::end_of_interrupt`] (counted
+    /// only: the model is edge-only).
     pub eois: u64,
 }
 
@@ -149,8 +170,6 @@ pub struct Ioapic {
     id: u8,
     ioregsel: u8,
     redirection_table: [u64; IOAPIC_NUM_PINS],
-    /// Pins whose entry changed since the last [`Ioapic::take_dirty_pins`].
-    dirty: u32,
     stats: IoapicStats,
 }
 
@@ -171,28 +190,19 @@ impl Ioapic {
             id,
             ioregsel: 0,
             redirection_table: [RTE_RESET; IOAPIC_NUM_PINS],
-            // Report every pin once, so the VMM's first sync covers the whole table.
-            dirty: ALL_PINS,
             stats: IoapicStats::default(),
         }
     }
 
-    /// Returns the IOAPIC to its power-on state (every pin masked, ID as created) and marks
-    /// every pin dirty. Counters are kept.
-    pub fn reset(&mut self) {
+    /// Returns the IOAPIC to its power-on state (every pin masked, ID as created) and reports
+    /// every pin to `sink` as masked. Counters are kept.
+    pub fn reset(&mut self, sink: &mut dyn IoapicSink) {
         self.id = self.reset_id;
         self.ioregsel = 0;
         self.redirection_table = [RTE_RESET; IOAPIC_NUM_PINS];
-        self.dirty = ALL_PINS;
-    }
-
-    /// Returns the bit mask (bit `n` = pin `n`) of pins whose redirection entry changed since
-    /// the last call, and clears it. A new or reset IOAPIC reports every pin.
-    ///
-    /// Only guest-programmed bits count: Remote IRR changes do not alter the pin's MSI and do
-    /// not mark it dirty.
-    pub fn take_dirty_pins(&mut self) -> u32 {
-        std::mem::take(&mut self.dirty)
+        for pin in 0..IOAPIC_NUM_PINS {
+            sink.pin_changed(pin, None);
+        }
     }
 
     /// The raw 64-bit redirection entry of `pin`. A pin that does not exist reads as a reset
@@ -211,49 +221,14 @@ impl Ioapic {
         (rte & RTE_MASKED == 0).then(|| rte_to_msi(rte))
     }
 
-    /// Records a delivery of `pin` made by the VMM from userspace and returns its message.
-    ///
-    /// Returns `None` (nothing to deliver) if the pin does not exist, is masked, or is
-    /// level-triggered and still waiting for its EOI (Remote IRR set). For a level-triggered
-    /// pin this sets Remote IRR. Irqfd deliveries bypass the IOAPIC and never call this.
-    pub fn deliver(&mut self, pin: usize) -> Option<MsiMessage> {
-        let rte = self.redirection_table.get_mut(pin)?;
-        if *rte & RTE_MASKED != 0 {
-            return None;
-        }
-        if *rte & RTE_TRIGGER_LEVEL != 0 {
-            if *rte & RTE_REMOTE_IRR != 0 {
-                return None;
-            }
-            *rte |= RTE_REMOTE_IRR;
-        }
-        Some(rte_to_msi(*rte))
-    }
-
-    /// Handles an EOI for `vector`: clears Remote IRR of every level-triggered pin whose
-    /// entry's vector field equals `vector`, and returns the bit mask of pins released that way.
-    ///
-    /// The VMM calls this on `KVM_EXIT_IOAPIC_EOI` (KVM exits for level-triggered routes among
-    /// the IOAPIC's GSIs); a guest write to the EOI register does the same. With interrupt
-    /// remapping on, Linux stores the pin number in the entry's vector field and writes that to
-    /// the EOI register, while KVM reports the IRTE's vector; mapping one to the other is the
-    /// remapping unit's business.
-    pub fn end_of_interrupt(&mut self, vector: u8) -> u32 {
+    /// Counts an EOI for `vector` (the EOI register, or `KVM_EXIT_IOAPIC_EOI`). Nothing else
+    /// happens: the model is edge-only and never sets Remote IRR (see the
+    /// [module documentation](self)).
+    pub fn end_of_interrupt(&mut self, vector: u8) {
         self.stats.eois += 1;
-        let mut released = 0;
-        for (pin, rte) in self.redirection_table.iter_mut().enumerate() {
-            if *rte & RTE_VECTOR_MASK == u64::from(vector)
-                && *rte & RTE_TRIGGER_LEVEL != 0
-                && *rte & RTE_REMOTE_IRR != 0
-            {
-                *rte &= !RTE_REMOTE_IRR;
-                released |= 1 << pin;
-            }
-        }
-        if released != 0 {
-            debug!("ioapic: EOI for vector {vector:#x} released pins {released:#x}");
-        }
-        released
+        crate::guest_debug!(
+            "ioapic: EOI for vector {vector:#x} (edge-only model: nothing to release)"
+        );
     }
 
     /// Counters since creation.
@@ -287,33 +262,35 @@ impl Ioapic {
                     }
                 }
                 None => {
-                    debug!("ioapic: read of unknown register {index:#x}");
+                    crate::guest_debug!("ioapic: read of unknown register {index:#x}");
                     0
                 }
             },
         }
     }
 
-    fn write_iowin(&mut self, value: u32) {
+    fn write_iowin(&mut self, value: u32, sink: &mut dyn IoapicSink) {
         match self.ioregsel {
             IOAPIC_REG_ID => {
                 // Lossless after the shift: the mask keeps 4 bits.
                 self.id = ((value >> IOAPIC_ID_SHIFT) as u8) & IOAPIC_ID_MASK;
             }
             IOAPIC_REG_VER | IOAPIC_REG_ARB => {
-                debug!(
+                crate::guest_debug!(
                     "ioapic: write {value:#x} to read-only register {:#x}",
                     self.ioregsel
                 );
             }
             index => match Self::redirection_index(index) {
-                Some((pin, high)) => self.write_rte_half(pin, high, value),
-                None => debug!("ioapic: write {value:#x} to unknown register {index:#x}"),
+                Some((pin, high)) => self.write_rte_half(pin, high, value, sink),
+                None => {
+                    crate::guest_debug!("ioapic: write {value:#x} to unknown register {index:#x}")
+                }
             },
         }
     }
 
-    fn write_rte_half(&mut self, pin: usize, high: bool, value: u32) {
+    fn write_rte_half(&mut self, pin: usize, high: bool, value: u32, sink: &mut dyn IoapicSink) {
         self.stats.rte_writes += 1;
         let old = self.redirection_table[pin];
         let mut new = if high {
@@ -321,26 +298,22 @@ impl Ioapic {
         } else {
             (old & !0xffff_ffff) | u64::from(value)
         };
-        // Delivery status and Remote IRR keep their current value whatever the guest wrote.
+        // Delivery status and Remote IRR are read-only (and always 0 in this model).
         new = (new & !RTE_READ_ONLY) | (old & RTE_READ_ONLY);
-        // Remote IRR is undefined for edge-triggered entries: clear it so a pin switched from
-        // level to edge does not stay blocked (as QEMU's ioapic_fix_edge_remote_irr does).
-        if new & RTE_TRIGGER_LEVEL == 0 {
-            new &= !RTE_REMOTE_IRR;
-        }
         self.redirection_table[pin] = new;
         if new != old {
-            self.dirty |= 1 << pin;
-            debug!("ioapic: pin {pin} entry {old:#018x} -> {new:#018x}");
+            crate::guest_debug!("ioapic: pin {pin} entry {old:#018x} -> {new:#018x}");
+            sink.pin_changed(pin, self.pin_msi(pin));
         }
     }
 }
 
-impl BusDevice for Ioapic {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl Ioapic {
+    /// A guest MMIO read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if data.len() != 4 {
-            debug!("ioapic: ignoring {}-byte read at {offset:#x}", data.len());
+            crate::guest_debug!("ioapic: ignoring {}-byte read at {offset:#x}", data.len());
             return;
         }
         let value = match offset {
@@ -349,28 +322,30 @@ impl BusDevice for Ioapic {
             // EOI is write-only.
             IOEOI_OFFSET => 0,
             _ => {
-                debug!("ioapic: read of unknown offset {offset:#x}");
+                crate::guest_debug!("ioapic: read of unknown offset {offset:#x}");
                 0
             }
         };
         data.copy_from_slice(&value.to_le_bytes());
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    /// A guest MMIO write at `offset` in the window; every redirection entry it changes is
+    /// pushed to `sink`.
+    pub fn write(&mut self, offset: u64, data: &[u8], sink: &mut dyn IoapicSink) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            debug!("ioapic: ignoring {}-byte write at {offset:#x}", data.len());
+            crate::guest_debug!("ioapic: ignoring {}-byte write at {offset:#x}", data.len());
             return;
         };
         let value = u32::from_le_bytes(bytes);
         match offset {
             // IOREGSEL is an 8-bit register; the upper bits of the dword are ignored.
             IOREGSEL_OFFSET => self.ioregsel = value as u8,
-            IOWIN_OFFSET => self.write_iowin(value),
+            IOWIN_OFFSET => self.write_iowin(value, sink),
             IOEOI_OFFSET => {
                 // The vector is in bits 7:0.
                 self.end_of_interrupt(value as u8);
             }
-            _ => debug!("ioapic: write {value:#x} to unknown offset {offset:#x}"),
+            _ => crate::guest_debug!("ioapic: write {value:#x} to unknown offset {offset:#x}"),
         }
     }
 }
@@ -379,13 +354,21 @@ impl BusDevice for Ioapic {
 mod tests {
     use super::*;
 
-    fn select(ioapic: &mut Ioapic, index: u8) {
-        ioapic.write(IOREGSEL_OFFSET, &u32::from(index).to_le_bytes());
+    /// A write whose changes nobody looks at; returns the pins it changed.
+    fn w(ioapic: &mut Ioapic, offset: u64, data: &[u8]) -> u32 {
+        let mut changed = ChangedPins::default();
+        ioapic.write(offset, data, &mut changed);
+        changed.0
     }
 
-    fn write_reg(ioapic: &mut Ioapic, index: u8, value: u32) {
+    fn select(ioapic: &mut Ioapic, index: u8) {
+        w(ioapic, IOREGSEL_OFFSET, &u32::from(index).to_le_bytes());
+    }
+
+    /// Writes an indirect register; returns the pins whose entry changed.
+    fn write_reg(ioapic: &mut Ioapic, index: u8, value: u32) -> u32 {
         select(ioapic, index);
-        ioapic.write(IOWIN_OFFSET, &value.to_le_bytes());
+        w(ioapic, IOWIN_OFFSET, &value.to_le_bytes())
     }
 
     fn read_reg(ioapic: &mut Ioapic, index: u8) -> u32 {
@@ -395,9 +378,9 @@ mod tests {
         u32::from_le_bytes(data)
     }
 
-    fn write_rte(ioapic: &mut Ioapic, pin: u8, rte: u64) {
-        write_reg(ioapic, 0x10 + 2 * pin, rte as u32);
-        write_reg(ioapic, 0x11 + 2 * pin, (rte >> 32) as u32);
+    fn write_rte(ioapic: &mut Ioapic, pin: u8, rte: u64) -> u32 {
+        write_reg(ioapic, 0x10 + 2 * pin, rte as u32)
+            | write_reg(ioapic, 0x11 + 2 * pin, (rte >> 32) as u32)
     }
 
     fn read_rte(ioapic: &mut Ioapic, pin: u8) -> u64 {
@@ -408,7 +391,7 @@ mod tests {
 
     /// Level-triggered, unmasked, fixed delivery to APIC 0.
     fn level_rte(vector: u8) -> u64 {
-        RTE_TRIGGER_LEVEL | u64::from(vector)
+        1 << RTE_TRIGGER_MODE_SHIFT | u64::from(vector)
     }
 
     // --- rte_to_msi -------------------------------------------------------------------------
@@ -483,7 +466,7 @@ mod tests {
     #[test]
     fn msi_for_remappable_entry_puts_handle_bit_15_in_address_bit_2() {
         // Handle 0x8005: bit 15 goes in RTE bit 11, bits 14:0 (5) in RTE 63:49.
-        let rte = 5 << 49 | 1 << 48 | 1 << 11 | RTE_TRIGGER_LEVEL | 9;
+        let rte = 5 << 49 | 1 << 48 | 1 << 11 | 1 << RTE_TRIGGER_MODE_SHIFT | 9;
         let msi = rte_to_msi(rte);
         assert_eq!(msi.address, 0xfee0_0000 | 5 << 5 | 1 << 4 | 1 << 2);
         assert_eq!(msi.data, 0xc009);
@@ -535,10 +518,9 @@ mod tests {
 
     #[test]
     fn nonexistent_pin_is_masked_and_has_no_msi() {
-        let mut ioapic = Ioapic::new(0);
+        let ioapic = Ioapic::new(0);
         assert_eq!(ioapic.redirection_entry(IOAPIC_NUM_PINS), RTE_MASKED);
         assert_eq!(ioapic.pin_msi(IOAPIC_NUM_PINS), None);
-        assert_eq!(ioapic.deliver(usize::MAX), None);
     }
 
     #[test]
@@ -569,44 +551,43 @@ mod tests {
     }
 
     #[test]
-    fn fresh_ioapic_reports_every_pin_dirty_once() {
+    fn rte_write_pushes_the_changed_pin_and_its_message() {
+        struct Record(Vec<(usize, Option<MsiMessage>)>);
+        impl IoapicSink for Record {
+            fn pin_changed(&mut self, pin: usize, msg: Option<MsiMessage>) {
+                self.0.push((pin, msg));
+            }
+        }
         let mut ioapic = Ioapic::new(0);
-        assert_eq!(ioapic.take_dirty_pins(), 0x00ff_ffff);
-        assert_eq!(ioapic.take_dirty_pins(), 0);
+        let mut rec = Record(Vec::new());
+        select(&mut ioapic, 0x10 + 2 * 7);
+        ioapic.write(IOWIN_OFFSET, &0x30u32.to_le_bytes(), &mut rec); // unmask pin 7
+        select(&mut ioapic, 0x10 + 2 * 7);
+        ioapic.write(IOWIN_OFFSET, &RTE_MASKED.to_le_bytes()[..4], &mut rec); // mask it again
+        assert_eq!(
+            rec.0,
+            vec![(7, Some(rte_to_msi(0x30))), (7, None)],
+            "each change is pushed with the pin's new message"
+        );
+        assert_eq!(write_reg(&mut ioapic, 0x11 + 2 * 9, 1 << 24), 1 << 9);
     }
 
     #[test]
-    fn rte_write_marks_pin_dirty() {
+    fn unchanged_rte_write_pushes_nothing() {
         let mut ioapic = Ioapic::new(0);
-        ioapic.take_dirty_pins();
-
-        write_reg(&mut ioapic, 0x10 + 2 * 7, 0x30); // unmask pin 7, vector 0x30
-        write_reg(&mut ioapic, 0x11 + 2 * 9, 1 << 24); // pin 9 destination 1
-        assert_eq!(ioapic.take_dirty_pins(), 1 << 7 | 1 << 9);
-        assert_eq!(ioapic.take_dirty_pins(), 0);
-    }
-
-    #[test]
-    fn unchanged_rte_write_does_not_mark_dirty() {
-        let mut ioapic = Ioapic::new(0);
-        write_rte(&mut ioapic, 3, 0x30);
-        ioapic.take_dirty_pins();
-
-        write_rte(&mut ioapic, 3, 0x30);
-        assert_eq!(ioapic.take_dirty_pins(), 0);
+        assert_eq!(write_rte(&mut ioapic, 3, 0x30), 1 << 3);
+        assert_eq!(write_rte(&mut ioapic, 3, 0x30), 0);
         assert_eq!(ioapic.stats().rte_writes, 4);
     }
 
     #[test]
-    fn remote_irr_is_read_only() {
+    fn remote_irr_is_read_only_and_never_set() {
         let mut ioapic = Ioapic::new(0);
-        // The guest cannot set it...
+        // The guest cannot set it, and EOIs leave entries alone (edge-only model).
         write_rte(&mut ioapic, 2, level_rte(0x40) | RTE_REMOTE_IRR);
-        assert_eq!(ioapic.redirection_entry(2) & RTE_REMOTE_IRR, 0);
-        // ...nor clear it once a delivery set it.
-        assert!(ioapic.deliver(2).is_some());
-        write_rte(&mut ioapic, 2, level_rte(0x40));
-        assert_ne!(ioapic.redirection_entry(2) & RTE_REMOTE_IRR, 0);
+        assert_eq!(ioapic.redirection_entry(2), level_rte(0x40));
+        ioapic.end_of_interrupt(0x40);
+        assert_eq!(ioapic.redirection_entry(2), level_rte(0x40));
     }
 
     #[test]
@@ -630,21 +611,19 @@ mod tests {
     #[test]
     fn unknown_register_reads_zero_and_ignores_writes() {
         let mut ioapic = Ioapic::new(0);
-        ioapic.take_dirty_pins();
         // 0x40 is just past the last entry (0x10 + 2 * 24); 0x03 and 0xff are unassigned.
         for index in [0x03, 0x0f, 0x40, 0xff] {
-            write_reg(&mut ioapic, index, 0xffff_ffff);
+            assert_eq!(write_reg(&mut ioapic, index, 0xffff_ffff), 0);
             assert_eq!(read_reg(&mut ioapic, index), 0, "{index:#x}");
         }
-        assert_eq!(ioapic.take_dirty_pins(), 0);
     }
 
     #[test]
     fn non_32bit_access_is_ignored() {
         let mut ioapic = Ioapic::new(0);
         select(&mut ioapic, 0x10);
-        ioapic.write(IOWIN_OFFSET, &[0x30, 0, 0, 0, 0, 0, 0, 0]);
-        ioapic.write(IOWIN_OFFSET, &[0x30]);
+        w(&mut ioapic, IOWIN_OFFSET, &[0x30, 0, 0, 0, 0, 0, 0, 0]);
+        w(&mut ioapic, IOWIN_OFFSET, &[0x30]);
         assert_eq!(ioapic.redirection_entry(0), RTE_MASKED);
 
         let mut data = [0xaau8; 8];
@@ -661,7 +640,7 @@ mod tests {
         for offset in (0..IOAPIC_WINDOW_SIZE + 8).chain([u64::MAX - 3, u64::MAX]) {
             for len in 0..=8 {
                 let mut data = vec![0xffu8; len];
-                ioapic.write(offset, &data);
+                w(&mut ioapic, offset, &data);
                 ioapic.read(offset, &mut data);
             }
         }
@@ -671,74 +650,19 @@ mod tests {
         }
     }
 
-    // --- delivery and EOI ---------------------------------------------------------------------
+    // --- EOI ----------------------------------------------------------------------------------
 
     #[test]
-    fn level_delivery_waits_for_eoi() {
-        let mut ioapic = Ioapic::new(0);
-        write_rte(&mut ioapic, 6, level_rte(0x60));
-        assert_eq!(ioapic.deliver(6), Some(rte_to_msi(level_rte(0x60))));
-        assert_eq!(ioapic.deliver(6), None);
-        ioapic.end_of_interrupt(0x60);
-        assert!(ioapic.deliver(6).is_some());
-    }
-
-    #[test]
-    fn edge_delivery_never_sets_remote_irr() {
-        let mut ioapic = Ioapic::new(0);
-        write_rte(&mut ioapic, 6, 0x60);
-        assert!(ioapic.deliver(6).is_some());
-        assert!(ioapic.deliver(6).is_some());
-        assert_eq!(ioapic.redirection_entry(6) & RTE_REMOTE_IRR, 0);
-    }
-
-    #[test]
-    fn masked_pin_is_not_delivered() {
-        let mut ioapic = Ioapic::new(0);
-        write_rte(&mut ioapic, 6, level_rte(0x60) | RTE_MASKED);
-        assert_eq!(ioapic.deliver(6), None);
-        assert_eq!(ioapic.redirection_entry(6) & RTE_REMOTE_IRR, 0);
-    }
-
-    #[test]
-    fn eoi_clears_remote_irr_for_matching_vector() {
-        let mut ioapic = Ioapic::new(0);
-        write_rte(&mut ioapic, 1, level_rte(0x41));
-        write_rte(&mut ioapic, 2, level_rte(0x42));
-        write_rte(&mut ioapic, 3, level_rte(0x41));
-        for pin in 1..=3 {
-            ioapic.deliver(pin);
-        }
-        ioapic.take_dirty_pins();
-
-        assert_eq!(ioapic.end_of_interrupt(0x41), 1 << 1 | 1 << 3);
-        assert_eq!(ioapic.redirection_entry(1) & RTE_REMOTE_IRR, 0);
-        assert_ne!(ioapic.redirection_entry(2) & RTE_REMOTE_IRR, 0);
-        assert_eq!(ioapic.redirection_entry(3) & RTE_REMOTE_IRR, 0);
-        // Remote IRR does not change the pin's MSI: no route to rebuild.
-        assert_eq!(ioapic.take_dirty_pins(), 0);
-        // Nothing left in service for that vector.
-        assert_eq!(ioapic.end_of_interrupt(0x41), 0);
-    }
-
-    #[test]
-    fn eoi_register_write_clears_remote_irr() {
+    fn eoi_register_write_is_counted() {
         let mut ioapic = Ioapic::new(0);
         write_rte(&mut ioapic, 5, level_rte(0x55));
-        ioapic.deliver(5);
         // Upper bits of the EOI dword are not part of the vector.
-        ioapic.write(IOEOI_OFFSET, &0xffff_ff55u32.to_le_bytes());
-        assert_eq!(ioapic.redirection_entry(5) & RTE_REMOTE_IRR, 0);
+        assert_eq!(
+            w(&mut ioapic, IOEOI_OFFSET, &0xffff_ff55u32.to_le_bytes()),
+            0
+        );
+        assert_eq!(ioapic.redirection_entry(5), level_rte(0x55));
         assert_eq!(ioapic.stats().eois, 1);
-    }
-
-    #[test]
-    fn switching_to_edge_clears_remote_irr() {
-        let mut ioapic = Ioapic::new(0);
-        write_rte(&mut ioapic, 5, level_rte(0x55));
-        ioapic.deliver(5);
-        write_rte(&mut ioapic, 5, 0x55);
-        assert_eq!(ioapic.redirection_entry(5), 0x55);
     }
 
     #[test]
@@ -747,7 +671,7 @@ mod tests {
         write_rte(&mut ioapic, 0, 0x30);
         write_reg(&mut ioapic, 0x12, 0x31);
         ioapic.end_of_interrupt(0x30);
-        ioapic.write(IOEOI_OFFSET, &0x31u32.to_le_bytes());
+        w(&mut ioapic, IOEOI_OFFSET, &0x31u32.to_le_bytes());
         assert_eq!(
             ioapic.stats(),
             IoapicStats {
@@ -758,15 +682,14 @@ mod tests {
     }
 
     #[test]
-    fn reset_masks_every_pin_and_marks_all_dirty() {
+    fn reset_masks_every_pin_and_reports_all() {
         let mut ioapic = Ioapic::new(1);
         write_rte(&mut ioapic, 0, 0x30);
         write_reg(&mut ioapic, IOAPIC_REG_ID, 0x0500_0000);
-        ioapic.take_dirty_pins();
-
-        ioapic.reset();
+        let mut changed = ChangedPins::default();
+        ioapic.reset(&mut changed);
         assert_eq!(ioapic.pin_msi(0), None);
-        assert_eq!(ioapic.take_dirty_pins(), 0x00ff_ffff);
+        assert_eq!(changed.0, 0x00ff_ffff);
         assert_eq!(read_reg(&mut ioapic, IOAPIC_REG_ID), 1 << 24);
     }
 }

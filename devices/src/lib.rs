@@ -14,19 +14,22 @@
 //! ```text
 //!  device ──trigger()──► InterruptLine (irqfd) ──► KVM MSI route of the GSI ──► LAPIC
 //!                                                   ▲
-//!  guest writes IOAPIC RTE ──► Ioapic::take_dirty_pins / pin_msi ──► VMM rebuilds the route
+//!  guest writes IOAPIC RTE ──► Ioapic::write ──► IoapicSink::pin_changed ──► VMM rebuilds
+//!                                                                           the route
 //! ```
 //!
-//! - **Fast path**: a device calls [`InterruptLine::trigger`]; the VMM's implementation writes
+//! - **Delivery**: a device calls [`InterruptLine::trigger`]; the VMM's implementation writes
 //!   the irqfd and KVM injects the routed MSI. No VMM thread wakes up.
-//! - **Slow path**: the guest programs a redirection entry through the IOAPIC's MMIO window.
-//!   The VMM asks [`Ioapic::take_dirty_pins`] which pins changed, gets each pin's message from
-//!   [`Ioapic::pin_msi`] (`None` = masked: drop the route), and updates the KVM routing table.
-//!   [`rte_to_msi`] is pure, so an interrupt-remapping unit can sit between the IOAPIC and the
-//!   routes: remappable-format messages ([`MsiMessage::is_remappable`]) must be translated
-//!   through the remapping table before KVM sees them.
-//! - Devices are edge sources (split irqchip has no resample eventfd). EOIs for
-//!   level-triggered pins reach [`Ioapic::end_of_interrupt`], which clears Remote IRR.
+//! - **Reprogramming**: the guest writes a redirection entry through the IOAPIC's MMIO window.
+//!   [`Ioapic::write`] pushes each changed pin and its new message ([`Ioapic::pin_msi`],
+//!   `None` = masked: drop the route) into the VMM's [`IoapicSink`], which updates the KVM
+//!   routing table. [`rte_to_msi`] is pure, so an interrupt-remapping unit ([`remap`]) sits
+//!   between the IOAPIC and the routes: remappable-format messages
+//!   ([`MsiMessage::is_remappable`]) are translated through the remapping table before KVM
+//!   sees them, and the unit pushes invalidations and its own event interrupts into a
+//!   [`RemapSink`].
+//! - **Edge only**: devices are edge sources (split irqchip has no resample eventfd). The
+//!   IOAPIC never sets Remote IRR; EOIs ([`Ioapic::end_of_interrupt`]) are only counted.
 //!
 //! Port I/O and MMIO both dispatch through a [`Bus`] of [`BusDevice`]s. Power-off and reset
 //! requests from the guest ([`AcpiPm`], [`I8042`]) reach the VMM's event loop through an
@@ -50,8 +53,8 @@ pub mod virtio;
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitRequest, ExitSignal, ExitSignalError};
 pub use i8042::I8042;
-pub use interrupt::{CountingLine, EventFdLine, InterruptLine, MsiMessage};
-pub use ioapic::{rte_to_msi, Ioapic, IoapicStats};
+pub use interrupt::{CountingLine, InterruptLine, MsiMessage};
+pub use ioapic::{rte_to_msi, ChangedPins, Ioapic, IoapicSink, IoapicStats};
 pub use pm::{AcpiPm, PM_RESET_VALUE, PM_SLEEP_S5_VALUE};
-pub use remap::{RemapStats, RemapUnit, RouteInvalidation};
+pub use remap::{RemapSink, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
 pub use serial::Serial;

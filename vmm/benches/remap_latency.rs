@@ -7,7 +7,7 @@
 //! descriptor processing, the IRTE read, the translation, the route table and the ioctl.
 //! Run: `cargo bench -p vmm --bench remap_latency [-- ITERATIONS]`. Prints a table.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[path = "../tests/common/remap.rs"]
@@ -39,14 +39,12 @@ fn main() {
     let mem = vmm::vm::create_memory(&vm, 64 << 20).expect("memory");
     let im = Arc::new(InterruptManager::new(vm.clone(), 24, (24, 1023)));
     im.init_routing().unwrap();
-    let ioapic = Arc::new(Mutex::new(Ioapic::new(0)));
-    let unit = Arc::new(Mutex::new(RemapUnit::new(mem.clone())));
-    let router = Arc::new(Mutex::new(IrqRouter::new(
-        ioapic,
-        Some(unit.clone()),
+    let router = IrqRouter::new(
+        Ioapic::new(0),
+        Some(RemapUnit::new(mem.clone())),
         im.clone(),
         0xff00,
-    )));
+    );
     let mut remap = RemapBus(router.clone());
     let mut ioapic_bus = IoapicBus(router);
 
@@ -115,9 +113,9 @@ fn main() {
         us(samples[samples.len() - 1])
     );
     println!(
-        "\nroutes rebuilt per invalidation: {:.2}; KVM_SET_GSI_ROUTING calls per invalidation: {:.2}; userspace-injected interrupts: {}",
+        "\nroutes rebuilt per invalidation: {:.2}; KVM_SET_GSI_ROUTING calls per invalidation: {:.2}; KVM_SIGNAL_MSI injections: {}",
         (after.routes_rebuilt - before.routes_rebuilt) as f64 / iterations as f64,
         (after.routing_updates - before.routing_updates) as f64 / iterations as f64,
-        after.userspace_injected
+        after.signal_msi
     );
 }

@@ -1,5 +1,6 @@
 //! The VMM's event loop (event-manager): stop requests from vCPUs, power-off/reset requests
-//! from the guest's PM registers, SIGINT/SIGTERM, and host input for the serial port.
+//! from the guest's PM registers, SIGINT/SIGTERM, host input for the serial port, and the
+//! eventfds of parked interrupt sources ([`crate::interrupts::ParkedPoller`]).
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -140,6 +141,7 @@ pub fn run(
     vcpu_exits: Arc<Mutex<Receiver<VmExit>>>,
     serial: Arc<Mutex<Serial>>,
     power: ExitSignal,
+    parked: Arc<Mutex<dyn MutEventSubscriber + Send>>,
 ) -> Result<VmExit, EventLoopError> {
     let signal = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
     SIGNAL_FD.store(signal.as_raw_fd(), Ordering::SeqCst);
@@ -158,6 +160,7 @@ pub fn run(
         reason: None,
     }));
     manager.add_subscriber(stop.clone());
+    manager.add_subscriber(parked);
     manager.add_subscriber(Arc::new(Mutex::new(ConsoleIn {
         serial,
         pending: Vec::new(),

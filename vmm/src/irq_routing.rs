@@ -1,208 +1,480 @@
 //! Turns interrupt sources into KVM routes, through the interrupt-remapping unit when the
 //! guest enabled it.
 //!
-//! Slow path only: it runs when the guest writes an IOAPIC redirection entry or the remapping
-//! unit's registers (an invalidation-queue tail write carrying Interrupt Entry Cache
-//! invalidations, or a command such as IRE/SIRTP). Each such write recomputes the affected
-//! pins' routes — remappable-format message → IRTE → compatibility-format MSI — and pushes
-//! them with one `KVM_SET_GSI_ROUTING`. The irqfds stay attached, so delivery (the fast path)
+//! The [`IrqRouter`] owns the IOAPIC model and the remapping unit (by value: nothing else
+//! touches them) and one table of interrupt sources: the IOAPIC pins (GSI = pin, requester ID
+//! the platform's IOAPIC source-id) and MSI sources (a GSI per vector, the device's requester
+//! ID). Each [`Source`] holds the message the guest programmed and the route currently in KVM.
+//!
+//! Reprogramming only: the router runs when the guest writes an IOAPIC redirection entry or
+//! the remapping unit's registers, when an MSI source is reprogrammed, and when a parked source
+//! fires. The IOAPIC and the unit *push* what changed into the router (their
+//! [`IoapicSink`] / [`RemapSink`]), so nothing waits for a later poll:
+//!
+//! - an RTE write pushes the pin's new message; the router recomputes that route;
+//! - the unit pushes route invalidations at each invalidation wait descriptor, before the
+//!   descriptor's status write (VT-d 6.5.2.8), and at the end of a register write; the router
+//!   re-translates the covered sources (remappable-format message → IRTE → compatibility
+//!   format) before the unit continues;
+//! - the unit pushes its event interrupts (fault events, invalidation completion), which the
+//!   router injects with `KVM_SIGNAL_MSI`.
+//!
+//! Every router entry point sends all the route changes it causes to KVM in **one**
+//! `KVM_SET_GSI_ROUTING` (nothing if no route changed). The irqfds stay attached, so delivery
 //! never involves this code.
+//!
+//! # Blocked sources
+//!
+//! A source whose route interrupt remapping blocks has no KVM route and is *parked*
+//! ([`InterruptManager::park`]): its irqfd is detached and the VMM polls its eventfd. Each
+//! time the device fires it, that is one blocked interrupt request: the unit records one fault
+//! ([`RemapUnit::request_blocked`], VT-d 5.1.4) and raises the fault event. Computing a
+//! blocked route records nothing, so a global invalidation does not re-fault every blocked
+//! source. When the route becomes valid again the irqfd is re-attached (after the route is in
+//! KVM).
+//!
+//! # Edge only
+//!
+//! Every source is an edge source; see [`devices::ioapic`]. `KVM_EXIT_IOAPIC_EOI` (KVM exits on
+//! EOIs of level-triggered routes among the IOAPIC GSIs) reaches [`IrqRouter::eoi_exit`], which
+//! counts it; there is nothing to release.
+//!
+//! # Locking
+//!
+//! One mutex around the router. The vCPU threads (IOAPIC, remapping-unit MMIO, EOI exits) and
+//! the event loop (parked sources firing) take it; under it the router takes the interrupt
+//! manager's lock. The interrupt manager calls parked handlers without holding its lock.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
 
 use arch::layout;
-use devices::remap::{remap_index, RemapUnit, RouteInvalidation};
-use devices::{BusDevice, Ioapic, MsiMessage};
+use devices::remap::{
+    remap_index, BlockReason, Blocked, RemapSink, RemapStats, RemapUnit, RouteInvalidation,
+    UnitEvent,
+};
+use devices::sync::lock;
+use devices::{guest_warn, BusDevice, Ioapic, IoapicSink, IoapicStats, MsiMessage};
 
-use crate::interrupts::InterruptManager;
+use crate::interrupts::{InterruptManager, ParkedHandler};
 
 /// Number of IOAPIC pins.
 const PINS: usize = layout::IOAPIC_PINS as usize;
+/// At most this many faults are recorded for one batch of triggers of a parked source: the
+/// unit has 8 fault recording registers, so more can only overflow. All are counted.
+const MAX_FAULTS_PER_BATCH: u64 = 16;
 
-/// The routing state shared by the IOAPIC and remapping-unit bus devices.
-pub struct IrqRouter {
-    ioapic: Arc<Mutex<Ioapic>>,
-    remap: Option<Arc<Mutex<RemapUnit>>>,
+/// What a source's route is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// The guest masked the source: no route (an edge source's interrupt is dropped, as by
+    /// a masked IOAPIC pin).
+    Masked,
+    /// The message KVM delivers.
+    Routed(MsiMessage),
+    /// Interrupt remapping blocks it: no route, the source is parked.
+    Blocked(Blocked),
+}
+
+impl Route {
+    fn kvm(&self) -> Option<MsiMessage> {
+        match self {
+            Route::Routed(m) => Some(*m),
+            Route::Masked | Route::Blocked(_) => None,
+        }
+    }
+}
+
+/// One interrupt source: an IOAPIC pin or an MSI vector.
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    /// The guest-programmed message (`None`: masked).
+    msg: Option<MsiMessage>,
+    /// The requester ID the remapping unit checks.
+    source_id: u16,
+    /// [`remap_index`] of `msg`, for index-selective invalidations.
+    index: Option<u32>,
+    /// The route in KVM.
+    route: Route,
+}
+
+impl Source {
+    fn new(msg: Option<MsiMessage>, source_id: u16) -> Source {
+        Source {
+            msg,
+            source_id,
+            index: msg.and_then(remap_index),
+            route: Route::Masked,
+        }
+    }
+}
+
+/// How a device programmed one MSI source, for [`IrqRouter::set_msi_sources`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiSource {
+    /// The source's GSI.
+    pub gsi: u32,
+    /// The guest-programmed message; `None` when masked.
+    pub msg: Option<MsiMessage>,
+    /// The device's requester ID.
+    pub source_id: u16,
+}
+
+/// The router's state besides the IOAPIC and the unit: what their sinks act on.
+struct Core {
     interrupts: Arc<InterruptManager>,
-    /// Requester ID of the IOAPIC's interrupts (the DMAR device scope's bus/devfn).
-    ioapic_source_id: u16,
-    /// The IRTE index each pin's current message uses, for index-selective invalidations.
-    pin_index: [Option<u32>; PINS],
-    /// Routes left out because the message was blocked (no route: the interrupt is dropped).
-    blocked: u64,
-    /// Route updates that changed something, with the reason, for logs and counters.
-    rebuilds: u64,
-    /// MSI sources (MSI/MSI-X vectors of devices): GSI → (guest-programmed message, the
-    /// device's requester ID). Recomputed on invalidations like the IOAPIC pins.
-    msi_sources: std::collections::BTreeMap<u32, (MsiMessage, u16)>,
+    sources: BTreeMap<u32, Source>,
+    /// Sources whose message changed since the last flush.
+    dirty: BTreeSet<u32>,
+    /// Given to the interrupt manager for every parked source.
+    parked_handler: Arc<dyn ParkedHandler>,
+    /// Interrupt requests of blocked sources.
+    blocked_requests: u64,
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Routes every interrupt source of the VM; see the [module documentation](self).
+pub struct IrqRouter {
+    ioapic: Ioapic,
+    unit: Option<RemapUnit>,
+    core: Core,
 }
 
-impl IrqRouter {
-    /// A router for `ioapic`, remapping through `remap` when given.
-    pub fn new(
-        ioapic: Arc<Mutex<Ioapic>>,
-        remap: Option<Arc<Mutex<RemapUnit>>>,
-        interrupts: Arc<InterruptManager>,
-        ioapic_source_id: u16,
-    ) -> Self {
-        IrqRouter {
-            ioapic,
-            remap,
-            interrupts,
-            ioapic_source_id,
-            pin_index: [None; PINS],
-            blocked: 0,
-            rebuilds: 0,
-            msi_sources: std::collections::BTreeMap::new(),
+/// Passes parked-source triggers to the router.
+struct RouterHandle(Weak<Mutex<IrqRouter>>);
+
+impl ParkedHandler for RouterHandle {
+    fn fired(&self, gsi: u32, count: u64) {
+        if let Some(router) = self.0.upgrade() {
+            lock(&router).parked_fired(gsi, count);
         }
     }
+}
 
-    /// The route for a message from `source_id` (an IOAPIC pin's or a device's MSI):
-    /// translated through the remapping unit when there is one, checked against the requester
-    /// ID; `None` (no route, the interrupt is dropped) when blocked.
-    fn msi_route(&mut self, gsi: u32, msg: MsiMessage, source_id: u16) -> Option<MsiMessage> {
-        let routed = match &self.remap {
-            Some(unit) => lock(unit).translate(msg, source_id).ok(),
+/// Where the vCPU threads send `KVM_EXIT_IOAPIC_EOI`.
+pub trait IoapicEoi: Send + Sync {
+    /// The guest EOIed `vector`, a level-triggered route's.
+    fn ioapic_eoi(&self, vector: u8);
+}
+
+impl IoapicEoi for Mutex<IrqRouter> {
+    fn ioapic_eoi(&self, vector: u8) {
+        lock(self).eoi_exit(vector);
+    }
+}
+
+impl Core {
+    /// The route for `msg` from `source_id`: translated through `unit` when there is one.
+    fn translate(unit: Option<&mut RemapUnit>, msg: MsiMessage, source_id: u16) -> Route {
+        let result = match unit {
+            Some(unit) => unit.translate(msg, source_id),
             // Without a remapping unit a remappable-format message means nothing.
-            None => (!msg.is_remappable()).then_some(msg),
+            None => match remap_index(msg) {
+                Some(index) => Err(Blocked {
+                    reason: BlockReason::RemappingDisabled,
+                    index: Some(index),
+                    fault_processing_disable: false,
+                }),
+                None => Ok(msg),
+            },
         };
-        if routed.is_none() {
-            self.blocked += 1;
-            log::debug!("irq: GSI {gsi} message {msg:x?} from {source_id:#06x} blocked");
+        match result {
+            Ok(m) => Route::Routed(m),
+            Err(b) => Route::Blocked(b),
         }
-        routed
     }
 
-    /// Sets (or with `None` removes: masked) the message a device programmed for the MSI
-    /// source on `gsi`, and pushes its route.
-    pub fn set_msi_source(&mut self, gsi: u32, msg: Option<MsiMessage>, source_id: u16) {
-        let route = match msg {
-            Some(m) => {
-                self.msi_sources.insert(gsi, (m, source_id));
-                self.msi_route(gsi, m, source_id)
+    /// Recomputes the routes of `gsis` and sends every change to KVM in one batch; parks the
+    /// sources that became blocked (before their route goes) and unparks those that no longer
+    /// are (after their route is in KVM).
+    fn refresh(&mut self, mut unit: Option<&mut RemapUnit>, gsis: Vec<u32>, why: &str) {
+        let mut updates = Vec::with_capacity(gsis.len());
+        let mut park = Vec::new();
+        let mut unpark = Vec::new();
+        for gsi in gsis {
+            let Some(source) = self.sources.get_mut(&gsi) else {
+                continue;
+            };
+            let route = match source.msg {
+                None => Route::Masked,
+                Some(m) => Core::translate(unit.as_deref_mut(), m, source.source_id),
+            };
+            match (source.route, route) {
+                (Route::Blocked(_), Route::Blocked(_)) => {}
+                (_, Route::Blocked(_)) => park.push(gsi),
+                (Route::Blocked(old), _) => unpark.push((gsi, old, source.source_id)),
+                _ => {}
             }
-            None => {
-                self.msi_sources.remove(&gsi);
-                None
+            source.route = route;
+            updates.push((gsi, route.kvm()));
+        }
+        for &gsi in &park {
+            if let Err(e) = self.interrupts.park(gsi, Arc::clone(&self.parked_handler)) {
+                log::error!("irq: cannot park blocked GSI {gsi}: {e}");
             }
-        };
-        if let Err(e) = self.interrupts.update_routes(&[(gsi, route)]) {
-            log::error!("irq: cannot update the route of GSI {gsi}: {e}");
-        }
-    }
-
-    fn update_msi_sources(&mut self, inv: &RouteInvalidation) {
-        let affected: Vec<_> = self
-            .msi_sources
-            .iter()
-            .filter(|(_, (m, _))| inv.covers(remap_index(*m)))
-            .map(|(g, (m, sid))| (*g, *m, *sid))
-            .collect();
-        if affected.is_empty() {
-            return;
-        }
-        let updates: Vec<_> = affected
-            .into_iter()
-            .map(|(g, m, sid)| (g, self.msi_route(g, m, sid)))
-            .collect();
-        if let Err(e) = self.interrupts.update_routes(&updates) {
-            log::error!("irq: cannot update MSI routes: {e}");
-        }
-    }
-
-    /// The route of one pin: `None` when masked or blocked.
-    fn pin_route(&mut self, pin: usize) -> Option<MsiMessage> {
-        let msg = lock(&self.ioapic).pin_msi(pin)?;
-        self.pin_index[pin] = remap_index(msg);
-        // Pin n is GSI n.
-        self.msi_route(pin as u32, msg, self.ioapic_source_id)
-    }
-
-    /// Recomputes the routes of the pins in `mask` and pushes them in one batch.
-    pub fn update_pins(&mut self, mask: u32, why: &str) {
-        let updates: Vec<_> = (0..PINS)
-            .filter(|p| mask & (1 << p) != 0)
-            .map(|p| (p as u32, self.pin_route(p)))
-            .collect();
-        if updates.is_empty() {
-            return;
         }
         match self.interrupts.update_routes(&updates) {
             Ok(0) => {}
             Ok(n) => {
-                self.rebuilds += 1;
-                log::info!("irq: rebuilt {n} route(s) after {why} (pins {mask:#x})");
+                let gsis: Vec<u32> = updates.iter().map(|u| u.0).collect();
+                devices::ratelimit::guest_log(
+                    log::Level::Info,
+                    module_path!(),
+                    format_args!("irq: rebuilt {n} route(s) after {why} (GSIs {gsis:?})"),
+                );
             }
             Err(e) => log::error!("irq: cannot update routes after {why}: {e}"),
         }
-    }
-
-    /// Handles what a write to the remapping unit asked for: route invalidations and
-    /// interrupts the unit raises itself (invalidation completion, fault events).
-    pub fn after_remap_write(&mut self) {
-        let Some(unit) = self.remap.clone() else {
-            return;
-        };
-        let (inv, msis) = {
-            let mut u = lock(&unit);
-            (u.take_route_invalidation(), u.take_pending_msis())
-        };
-        if let Some(inv) = &inv {
-            self.update_msi_sources(inv);
-        }
-        match inv {
-            Some(RouteInvalidation::All) => {
-                self.update_pins(u32::MAX >> (32 - PINS), "a global invalidation")
-            }
-            Some(inv @ RouteInvalidation::Indices(_)) => {
-                let mask = (0..PINS)
-                    .filter(|&p| self.pin_index[p].is_some() && inv.covers(self.pin_index[p]))
-                    .fold(0u32, |m, p| m | (1 << p));
-                if mask != 0 {
-                    self.update_pins(mask, "an interrupt-entry-cache invalidation");
+        for (gsi, blocked, source_id) in unpark {
+            match self.interrupts.unpark(gsi) {
+                // Triggers that came in while the source was still blocked.
+                Ok(pending) if pending > 0 => {
+                    self.blocked(unit.as_deref_mut(), &blocked, source_id, pending)
                 }
-            }
-            None => {}
-        }
-        for msi in msis {
-            // Control-plane interrupts of the unit itself (rare): injected from userspace and
-            // counted as such.
-            if let Err(e) = self.interrupts.signal_msi(msi) {
-                log::warn!("irq: cannot inject remapping-unit interrupt: {e}");
+                Ok(_) => {}
+                Err(e) => log::error!("irq: cannot unpark GSI {gsi}: {e}"),
             }
         }
     }
 
-    /// Messages blocked so far.
-    pub fn blocked(&self) -> u64 {
-        self.blocked
+    /// `count` interrupt requests that `blocked` stops: recorded by the unit.
+    fn blocked(
+        &mut self,
+        unit: Option<&mut RemapUnit>,
+        blocked: &Blocked,
+        source_id: u16,
+        count: u64,
+    ) {
+        self.blocked_requests += count;
+        self.interrupts
+            .stats()
+            .blocked_requests
+            .fetch_add(count, Ordering::Relaxed);
+        if let Some(unit) = unit {
+            for _ in 0..count.min(MAX_FAULTS_PER_BATCH) {
+                unit.request_blocked(blocked, source_id, self);
+            }
+        }
+    }
+
+    /// Recomputes the routes of the sources changed since the last flush.
+    fn flush(&mut self, unit: Option<&mut RemapUnit>, why: &str) {
+        let dirty: Vec<u32> = std::mem::take(&mut self.dirty).into_iter().collect();
+        if !dirty.is_empty() {
+            self.refresh(unit, dirty, why);
+        }
+    }
+
+    fn set_message(&mut self, gsi: u32, msg: Option<MsiMessage>, source_id: u16) {
+        let source = self
+            .sources
+            .entry(gsi)
+            .or_insert_with(|| Source::new(None, source_id));
+        source.msg = msg;
+        source.source_id = source_id;
+        source.index = msg.and_then(remap_index);
+        self.dirty.insert(gsi);
     }
 }
 
-/// The IOAPIC on the MMIO bus: after each guest write, the pins whose redirection entry
-/// changed get their route recomputed.
+impl IoapicSink for Core {
+    fn pin_changed(&mut self, pin: usize, msg: Option<MsiMessage>) {
+        let Ok(gsi) = u32::try_from(pin) else {
+            return;
+        };
+        // Pins are created with the router; the IOAPIC has no others.
+        if let Some(source) = self.sources.get(&gsi) {
+            let source_id = source.source_id;
+            self.set_message(gsi, msg, source_id);
+        }
+    }
+}
+
+impl RemapSink for Core {
+    fn invalidate(&mut self, unit: &mut RemapUnit, inv: RouteInvalidation) {
+        let affected: Vec<u32> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| s.msg.is_some() && inv.covers(s.index))
+            .map(|(gsi, _)| *gsi)
+            .collect();
+        if affected.is_empty() {
+            return;
+        }
+        let why = match inv {
+            RouteInvalidation::All => "a global invalidation",
+            RouteInvalidation::Indices(_) => "an interrupt-entry-cache invalidation",
+        };
+        self.refresh(Some(unit), affected, why);
+    }
+
+    fn raise(&mut self, kind: UnitEvent, msg: MsiMessage) {
+        if kind == UnitEvent::Fault {
+            self.interrupts
+                .stats()
+                .fault_events
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Control-plane interrupts of the unit itself (rare): injected from userspace and
+        // counted as such.
+        if let Err(e) = self.interrupts.signal_msi(msg) {
+            guest_warn!("irq: cannot inject remapping-unit interrupt {msg:x?}: {e}");
+        }
+    }
+}
+
+impl IrqRouter {
+    /// A router owning `ioapic` and, with interrupt remapping, `unit`. The IOAPIC's pins
+    /// are sources with requester ID `ioapic_source_id` (the DMAR device scope's).
+    pub fn new(
+        ioapic: Ioapic,
+        unit: Option<RemapUnit>,
+        interrupts: Arc<InterruptManager>,
+        ioapic_source_id: u16,
+    ) -> Arc<Mutex<IrqRouter>> {
+        Arc::new_cyclic(|weak: &Weak<Mutex<IrqRouter>>| {
+            let sources = (0..PINS)
+                .map(|pin| {
+                    // Lossless: PINS is 24.
+                    let gsi = pin as u32;
+                    (gsi, Source::new(ioapic.pin_msi(pin), ioapic_source_id))
+                })
+                .collect();
+            let mut router = IrqRouter {
+                ioapic,
+                unit,
+                core: Core {
+                    interrupts,
+                    sources,
+                    dirty: (0..PINS as u32).collect(),
+                    parked_handler: Arc::new(RouterHandle(weak.clone())),
+                    blocked_requests: 0,
+                },
+            };
+            router.core.flush(router.unit.as_mut(), "start-up");
+            Mutex::new(router)
+        })
+    }
+
+    /// A guest read of the IOAPIC window.
+    pub fn ioapic_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.ioapic.read(offset, data);
+    }
+
+    /// A guest write to the IOAPIC window: the changed pin's route is recomputed and pushed.
+    pub fn ioapic_write(&mut self, offset: u64, data: &[u8]) {
+        self.ioapic.write(offset, data, &mut self.core);
+        self.core.flush(self.unit.as_mut(), "an IOAPIC entry write");
+    }
+
+    /// A guest read of the remapping unit's registers (zeros without a unit).
+    pub fn remap_read(&mut self, offset: u64, data: &mut [u8]) {
+        match &mut self.unit {
+            Some(unit) => unit.read(offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    /// A guest write to the remapping unit's registers. Invalidations are applied at each
+    /// wait descriptor, before its status write; event interrupts are injected.
+    pub fn remap_write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(unit) = &mut self.unit {
+            unit.write(offset, data, &mut self.core);
+        }
+    }
+
+    /// Sets how devices programmed MSI sources (`msg: None`: masked) and sends all the
+    /// resulting route changes to KVM in one batch.
+    ///
+    /// A masked source has no route and KVM drops its triggers (IOAPIC-pin semantics). MSI-X
+    /// needs pending bits instead: that belongs here too, as a masked-pending route state
+    /// whose source is parked with a handler setting the PBA bit and whose unmask re-triggers
+    /// the eventfd once after unparking; the router must stay the only one parking its
+    /// sources' GSIs, or its block/unblock transitions would undo the MSI-X layer's.
+    pub fn set_msi_sources(&mut self, sources: &[MsiSource]) {
+        for s in sources {
+            if (s.gsi as usize) < PINS {
+                log::error!("irq: GSI {} is an IOAPIC pin, not an MSI source", s.gsi);
+                continue;
+            }
+            self.core.set_message(s.gsi, s.msg, s.source_id);
+        }
+        self.core.flush(self.unit.as_mut(), "an MSI source update");
+    }
+
+    /// [`IrqRouter::set_msi_sources`] for one source.
+    pub fn set_msi_source(&mut self, gsi: u32, msg: Option<MsiMessage>, source_id: u16) {
+        self.set_msi_sources(&[MsiSource {
+            gsi,
+            msg,
+            source_id,
+        }]);
+    }
+
+    /// `KVM_EXIT_IOAPIC_EOI` for `vector`: counted (the platform is edge-only).
+    pub fn eoi_exit(&mut self, vector: u8) {
+        self.core
+            .interrupts
+            .stats()
+            .ioapic_eoi_exits
+            .fetch_add(1, Ordering::Relaxed);
+        self.ioapic.end_of_interrupt(vector);
+    }
+
+    /// Parked `gsi` fired `count` times.
+    fn parked_fired(&mut self, gsi: u32, count: u64) {
+        let Some(source) = self.core.sources.get(&gsi) else {
+            return;
+        };
+        match source.route {
+            Route::Blocked(blocked) => {
+                let source_id = source.source_id;
+                self.core
+                    .blocked(self.unit.as_mut(), &blocked, source_id, count);
+            }
+            // Unparked meanwhile (the poller read the eventfd just before): the requests
+            // were made while it was blocked, but what blocked them is gone.
+            Route::Routed(_) | Route::Masked => devices::guest_debug!(
+                "irq: {count} trigger(s) of GSI {gsi} seen after it was unparked; dropped"
+            ),
+        }
+    }
+
+    /// Platform reset: every pin masked, the unit in its reset state, routes recomputed.
+    pub fn reset(&mut self) {
+        self.ioapic.reset(&mut self.core);
+        if let Some(unit) = &mut self.unit {
+            unit.reset(&mut self.core);
+        }
+        self.core.flush(self.unit.as_mut(), "a reset");
+    }
+
+    /// Interrupt requests of blocked (parked) sources so far.
+    pub fn blocked(&self) -> u64 {
+        self.core.blocked_requests
+    }
+
+    /// The IOAPIC's counters.
+    pub fn ioapic_stats(&self) -> IoapicStats {
+        self.ioapic.stats()
+    }
+
+    /// The remapping unit's counters, if there is one.
+    pub fn remap_stats(&self) -> Option<RemapStats> {
+        self.unit.as_ref().map(RemapUnit::stats)
+    }
+}
+
+/// The IOAPIC on the MMIO bus.
 pub struct IoapicBus(pub Arc<Mutex<IrqRouter>>);
 
 impl BusDevice for IoapicBus {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let router = lock(&self.0);
-        lock(&router.ioapic).read(offset, data);
+        lock(&self.0).ioapic_read(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut router = lock(&self.0);
-        let dirty = {
-            let mut ioapic = lock(&router.ioapic);
-            ioapic.write(offset, data);
-            ioapic.take_dirty_pins()
-        };
-        if dirty != 0 {
-            router.update_pins(dirty, "an IOAPIC entry write");
-        }
+        lock(&self.0).ioapic_write(offset, data);
     }
 }
 
@@ -211,17 +483,354 @@ pub struct RemapBus(pub Arc<Mutex<IrqRouter>>);
 
 impl BusDevice for RemapBus {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let router = lock(&self.0);
-        if let Some(unit) = &router.remap {
-            lock(unit).read(offset, data);
-        }
+        lock(&self.0).remap_read(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut router = lock(&self.0);
-        if let Some(unit) = router.remap.clone() {
-            lock(&unit).write(offset, data);
-            router.after_remap_write();
+        lock(&self.0).remap_write(offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupts::tests::{manager, Recorder};
+    use crate::interrupts::{IrqfdLine, RoutingBackend};
+    use devices::remap::regs::*;
+    use devices::InterruptLine;
+    use kvm_bindings::{kvm_msi, KvmIrqRouting};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const IRT_BASE: u64 = 0x1_0000;
+    const IQ_BASE: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    const SID: u16 = 0xff00;
+    /// Fault-event message the guest programs.
+    const FE_DATA: u32 = 0x41;
+    const FE_ADDR: u32 = 0xfee0_0000;
+
+    struct Vm {
+        mem: GuestMemoryMmap,
+        router: Arc<Mutex<IrqRouter>>,
+        rec: Arc<Recorder>,
+        im: Arc<InterruptManager>,
+        tail: u64,
+    }
+
+    /// An IRTE: present, fixed, physical APIC 0, `vector`.
+    fn irte(vector: u8) -> u128 {
+        1 | u128::from(vector) << 16
+    }
+
+    impl Vm {
+        /// A router with a unit brought up as Linux does (QI, x2APIC table of 256 entries,
+        /// IRE), fault events unmasked.
+        fn new() -> Vm {
+            let (rec, im) = manager();
+            Vm::with(rec, im)
         }
+
+        fn with(rec: Arc<Recorder>, im: Arc<InterruptManager>) -> Vm {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let router = IrqRouter::new(
+                Ioapic::new(0),
+                Some(RemapUnit::new(mem.clone())),
+                im.clone(),
+                SID,
+            );
+            let mut vm = Vm {
+                mem,
+                router,
+                rec,
+                im,
+                tail: 0,
+            };
+            vm.w64(DMAR_IQT_REG, 0);
+            vm.w64(DMAR_IQA_REG, IQ_BASE);
+            vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE);
+            vm.w64(DMAR_IRTA_REG, IRT_BASE | 1 << 11 | 7);
+            vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_SIRTP);
+            vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
+            vm.w32(DMAR_FEDATA_REG, FE_DATA);
+            vm.w32(DMAR_FEADDR_REG, FE_ADDR);
+            vm.w32(DMAR_FECTL_REG, 0);
+            vm
+        }
+
+        fn w32(&mut self, off: u64, v: u32) {
+            lock(&self.router).remap_write(off, &v.to_le_bytes());
+        }
+
+        fn w64(&mut self, off: u64, v: u64) {
+            lock(&self.router).remap_write(off, &v.to_le_bytes());
+        }
+
+        fn put_irte(&self, index: u64, raw: u128) {
+            self.mem
+                .write_obj(raw, GuestAddress(IRT_BASE + 16 * index))
+                .unwrap();
+        }
+
+        /// Linux's qi_submit_sync: `descs`, a status-write wait, the tail write.
+        fn submit(&mut self, descs: &[[u64; 2]]) {
+            self.mem.write_obj(0u32, GuestAddress(STATUS)).unwrap();
+            let wait = [5 | 1 << 5 | 2 << 32, STATUS];
+            for d in descs.iter().chain([&wait]) {
+                self.mem
+                    .write_obj(d[0], GuestAddress(IQ_BASE + self.tail))
+                    .unwrap();
+                self.mem
+                    .write_obj(d[1], GuestAddress(IQ_BASE + self.tail + 8))
+                    .unwrap();
+                self.tail = (self.tail + 16) % 4096;
+            }
+            let tail = self.tail;
+            self.w64(DMAR_IQT_REG, tail);
+            assert_eq!(self.mem.read_obj::<u32>(GuestAddress(STATUS)).unwrap(), 2);
+        }
+
+        /// Programs IOAPIC `pin` in remappable format onto IRTE `index`, unmasked.
+        fn program_pin(&mut self, pin: u32, index: u64) {
+            let rte = index << 49 | 1 << 48 | u64::from(pin);
+            let mut r = lock(&self.router);
+            for (reg, val) in [
+                (0x10 + 2 * pin, rte as u32),
+                (0x11 + 2 * pin, (rte >> 32) as u32),
+            ] {
+                r.ioapic_write(0x00, &reg.to_le_bytes());
+                r.ioapic_write(0x10, &val.to_le_bytes());
+            }
+        }
+
+        fn tables(&self) -> usize {
+            self.rec.tables.lock().unwrap().len()
+        }
+
+        fn signalled(&self) -> Vec<(u32, u32)> {
+            self.rec.signalled.lock().unwrap().clone()
+        }
+
+        fn faults(&self) -> u64 {
+            lock(&self.router).remap_stats().unwrap().faults_recorded
+        }
+    }
+
+    fn selective_iec(index: u64) -> [u64; 2] {
+        [4 | 1 << 4 | index << 32, 0]
+    }
+
+    fn remappable(index: u64) -> MsiMessage {
+        MsiMessage {
+            address: 0xfee0_0000 | index << 5 | 1 << 4,
+            data: 0,
+        }
+    }
+
+    #[test]
+    fn index_selective_invalidation_rebuilds_only_the_affected_route() {
+        let mut vm = Vm::new();
+        vm.put_irte(1, irte(0x31));
+        vm.put_irte(2, irte(0x32));
+        vm.program_pin(4, 1);
+        vm.program_pin(5, 2);
+        assert_eq!(vm.im.route(4).map(|m| m.data), Some(0x31));
+        let before = (vm.tables(), vm.im.counters().routes_rebuilt);
+
+        vm.put_irte(2, irte(0x42));
+        vm.submit(&[selective_iec(2)]);
+        assert_eq!(vm.im.route(5).map(|m| m.data), Some(0x42));
+        assert_eq!(vm.im.route(4).map(|m| m.data), Some(0x31));
+        let after = (vm.tables(), vm.im.counters().routes_rebuilt);
+        assert_eq!(after.0 - before.0, 1, "one KVM_SET_GSI_ROUTING");
+        assert_eq!(after.1 - before.1, 1, "only pin 5's route was rebuilt");
+    }
+
+    #[test]
+    fn a_global_invalidation_covering_pins_and_msi_sources_is_one_push() {
+        let mut vm = Vm::new();
+        for i in 1..=4 {
+            vm.put_irte(i, irte(0x30 + i as u8));
+        }
+        vm.program_pin(4, 1);
+        vm.program_pin(5, 2);
+        let before = vm.tables();
+        lock(&vm.router).set_msi_sources(&[
+            MsiSource {
+                gsi: 24,
+                msg: Some(remappable(3)),
+                source_id: 0x10,
+            },
+            MsiSource {
+                gsi: 25,
+                msg: Some(remappable(4)),
+                source_id: 0x18,
+            },
+        ]);
+        assert_eq!(vm.tables() - before, 1, "set_msi_sources is one push");
+
+        for i in 1..=4 {
+            vm.put_irte(i, irte(0x50 + i as u8));
+        }
+        let before = (vm.tables(), vm.im.counters().routes_rebuilt);
+        vm.submit(&[[4, 0]]); // global IEC
+        assert_eq!(
+            vm.tables() - before.0,
+            1,
+            "one push for pins and MSI sources"
+        );
+        assert_eq!(vm.im.counters().routes_rebuilt - before.1, 4);
+        assert_eq!(vm.im.route(25).map(|m| m.data), Some(0x54));
+    }
+
+    #[test]
+    fn rte_onto_a_bad_irte_parks_the_pin_and_its_trigger_raises_the_fault_event() {
+        let mut vm = Vm::new();
+        let line = vm.im.irqfd_line(4).unwrap();
+        vm.program_pin(4, 9); // IRTE 9 is not present
+        assert_eq!(vm.im.route(4), None);
+        assert!(vm.im.is_parked(4));
+        assert_eq!(vm.faults(), 0, "computing the route records nothing");
+        assert!(vm.signalled().is_empty());
+
+        line.trigger().unwrap();
+        assert_eq!(vm.im.service_all_parked(), 1);
+        assert_eq!(vm.faults(), 1);
+        assert_eq!(
+            vm.signalled(),
+            vec![(FE_ADDR, FE_DATA)],
+            "the fault event is injected at once"
+        );
+        let c = vm.im.counters();
+        assert_eq!(
+            (c.blocked_requests, c.fault_events, c.signal_msi),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_parked_source_records_one_fault_per_trigger() {
+        let mut vm = Vm::new();
+        let line = vm.im.irqfd_line(6).unwrap();
+        vm.program_pin(6, 9);
+        for n in 1..=3 {
+            line.trigger().unwrap();
+            vm.im.service_all_parked();
+            assert_eq!(vm.faults(), n);
+        }
+        assert_eq!(lock(&vm.router).blocked(), 3);
+        // One event: the later faults arrive while the first is pending (PPF).
+        assert_eq!(vm.signalled().len(), 1);
+    }
+
+    #[test]
+    fn a_global_invalidation_does_not_refault_blocked_sources() {
+        let mut vm = Vm::new();
+        let _line = vm.im.irqfd_line(7).unwrap();
+        vm.program_pin(7, 9);
+        vm.submit(&[[4, 0]]);
+        vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE); // IRE off ...
+        vm.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE); // ... and on again
+        assert_eq!(vm.faults(), 0);
+        assert!(vm.signalled().is_empty());
+    }
+
+    #[test]
+    fn fixing_the_irte_unparks_the_source_and_reattaches_its_irqfd() {
+        let mut vm = Vm::new();
+        let line: Arc<IrqfdLine> = vm.im.irqfd_line(8).unwrap();
+        vm.program_pin(8, 9);
+        assert!(!vm.rec.irqfds.lock().unwrap().contains(&8));
+        vm.put_irte(9, irte(0x39));
+        vm.submit(&[selective_iec(9)]);
+        assert_eq!(vm.im.route(8).map(|m| m.data), Some(0x39));
+        assert!(!vm.im.is_parked(8));
+        assert!(vm.rec.irqfds.lock().unwrap().contains(&8));
+        line.trigger().unwrap();
+        assert_eq!(vm.im.service_all_parked(), 0, "KVM's again");
+        assert_eq!(vm.faults(), 0);
+    }
+
+    /// A backend that records the guest's wait-status word at every routing push.
+    struct StatusProbe {
+        inner: Arc<Recorder>,
+        mem: Mutex<Option<GuestMemoryMmap>>,
+        seen: Mutex<Vec<u32>>,
+    }
+
+    impl RoutingBackend for StatusProbe {
+        fn set_gsi_routing(&self, r: &KvmIrqRouting) -> std::result::Result<(), kvm_ioctls::Error> {
+            if let Some(mem) = &*self.mem.lock().unwrap() {
+                let status = mem.read_obj::<u32>(GuestAddress(STATUS)).unwrap();
+                self.seen.lock().unwrap().push(status);
+            }
+            self.inner.set_gsi_routing(r)
+        }
+        fn register_irqfd(
+            &self,
+            fd: &EventFd,
+            gsi: u32,
+        ) -> std::result::Result<(), kvm_ioctls::Error> {
+            self.inner.register_irqfd(fd, gsi)
+        }
+        fn unregister_irqfd(
+            &self,
+            fd: &EventFd,
+            gsi: u32,
+        ) -> std::result::Result<(), kvm_ioctls::Error> {
+            self.inner.unregister_irqfd(fd, gsi)
+        }
+        fn signal_msi(&self, msi: kvm_msi) -> std::result::Result<(), kvm_ioctls::Error> {
+            self.inner.signal_msi(msi)
+        }
+    }
+
+    #[test]
+    fn routes_reach_kvm_before_the_wait_descriptor_completes() {
+        let probe = Arc::new(StatusProbe {
+            inner: Arc::new(Recorder::default()),
+            mem: Mutex::new(None),
+            seen: Mutex::new(Vec::new()),
+        });
+        let im = Arc::new(InterruptManager::new(probe.clone(), 24, (24, 27)));
+        let mut vm = Vm::with(probe.inner.clone(), im);
+        vm.put_irte(1, irte(0x31));
+        vm.program_pin(4, 1);
+        *probe.mem.lock().unwrap() = Some(vm.mem.clone());
+
+        vm.put_irte(1, irte(0x51));
+        vm.submit(&[selective_iec(1)]);
+        assert_eq!(
+            *probe.seen.lock().unwrap(),
+            vec![0],
+            "the route was pushed while the status word still read 0"
+        );
+        assert_eq!(vm.im.route(4).map(|m| m.data), Some(0x51));
+    }
+
+    #[test]
+    fn eoi_exits_are_counted() {
+        let vm = Vm::new();
+        vm.router.ioapic_eoi(0x30);
+        vm.router.ioapic_eoi(0x31);
+        assert_eq!(vm.im.counters().ioapic_eoi_exits, 2);
+        assert_eq!(lock(&vm.router).ioapic_stats().eois, 2);
+    }
+
+    #[test]
+    fn without_a_unit_remappable_messages_are_parked_and_compat_ones_routed() {
+        let (rec, im) = manager();
+        let router = IrqRouter::new(Ioapic::new(0), None, im.clone(), SID);
+        let _line = im.irqfd_line(24).unwrap();
+        lock(&router).set_msi_source(24, Some(remappable(1)), 0x10);
+        assert!(im.is_parked(24));
+        let compat = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x33,
+        };
+        lock(&router).set_msi_source(24, Some(compat), 0x10);
+        assert!(!im.is_parked(24));
+        assert_eq!(im.route(24), Some(compat));
+        assert!(rec.signalled.lock().unwrap().is_empty());
     }
 }

@@ -134,7 +134,7 @@ pub fn to_json(o: &RunOutcome) -> String {
         o.exit.exit_code(),
         o.elapsed.as_millis(),
         i.irqfd_triggers,
-        i.userspace_injected,
+        i.signal_msi,
         i.routing_updates,
         i.routes_rebuilt,
         i.routes_in_use,
@@ -161,7 +161,7 @@ pub fn report(cfg: &VmConfig, o: &RunOutcome) -> Result<(), VmError> {
         );
         eprintln!(
             "vmm: stats: interrupts irqfd_triggers={} userspace_injected={} routing_updates={} routes_rebuilt={} routes_in_use={} irqfds={}",
-            i.irqfd_triggers, i.userspace_injected, i.routing_updates, i.routes_rebuilt, i.routes_in_use, i.irqfds
+            i.irqfd_triggers, i.signal_msi, i.routing_updates, i.routes_rebuilt, i.routes_in_use, i.irqfds
         );
         eprintln!(
             "vmm: stats: serial irqs={} ioapic rte_writes={} eois={} virtio irqs={}",

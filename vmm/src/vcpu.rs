@@ -3,11 +3,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use devices::{Bus, Ioapic};
+use devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::irq_routing::IoapicEoi;
 
 /// Why the VM stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +85,8 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
-    /// The userspace IOAPIC, for EOIs of level-triggered vectors.
-    pub ioapic: Arc<Mutex<Ioapic>>,
+    /// The interrupt router, for `KVM_EXIT_IOAPIC_EOI`.
+    pub eoi: Arc<dyn IoapicEoi>,
     /// Stop reasons go here.
     pub exit: ExitSender,
     /// Set when the VM stops; checked before each KVM_RUN.
@@ -125,12 +127,7 @@ pub fn handle_exit(cpu: u32, exit: VcpuExit, ctx: &VcpuContext) -> ExitAction {
                 log::debug!("Unhandled MMIO write at {addr:#x}");
             }
         }
-        VcpuExit::IoapicEoi(vector) => {
-            ctx.ioapic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .end_of_interrupt(vector);
-        }
+        VcpuExit::IoapicEoi(vector) => ctx.eoi.ioapic_eoi(vector),
         VcpuExit::Hlt => {}
         VcpuExit::Shutdown => return ExitAction::Stop(VmExit::TripleFault { cpu }),
         VcpuExit::SystemEvent(kind, _) => {
@@ -209,6 +206,7 @@ pub fn run_vcpu(cpu: u32, mut fd: VcpuFd, ctx: VcpuContext) {
 mod tests {
     use super::*;
     use std::sync::mpsc::channel;
+    use std::sync::Mutex;
 
     type Writes = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
     struct Recorder(Writes);
@@ -221,6 +219,11 @@ mod tests {
         }
     }
 
+    struct NoEoi;
+    impl IoapicEoi for NoEoi {
+        fn ioapic_eoi(&self, _: u8) {}
+    }
+
     fn context() -> (VcpuContext, Writes) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut pio = Bus::new();
@@ -230,7 +233,7 @@ mod tests {
         let ctx = VcpuContext {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
-            ioapic: Arc::new(Mutex::new(Ioapic::new(0))),
+            eoi: Arc::new(NoEoi),
             exit: ExitSender::new(tx, Arc::new(EventFd::new(0).unwrap())),
             stop: Arc::new(AtomicBool::new(false)),
         };

@@ -25,7 +25,7 @@ use crate::config::VmConfig;
 use crate::device_manager::{DeviceManager, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
 use crate::interrupts::{
-    InterruptCounters, InterruptError, InterruptManager, InterruptStats, IrqfdLine,
+    InterruptCounters, InterruptError, InterruptManager, InterruptStats, IrqfdLine, ParkedPoller,
 };
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
@@ -252,7 +252,7 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
         dmar: cfg.iommu_intremap.then_some(DmarDesc {
             register_base: layout::DMAR_START,
             ioapic_id: layout::IOAPIC_ID,
-            ioapic_source_id: firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
+            ioapic_source_id: layout::IOAPIC_SOURCE_ID,
         }),
     }
 }
@@ -372,16 +372,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let (exit_tx, exit_rx) = channel();
     let exit_rx = Arc::new(Mutex::new(exit_rx));
     let exit = ExitSender::new(exit_tx, exit_wake.clone());
-    let ioapic = Arc::new(Mutex::new(Ioapic::new(layout::IOAPIC_ID)));
-    let remap = cfg
-        .iommu_intremap
-        .then(|| Arc::new(Mutex::new(RemapUnit::new(mem.clone()))));
-    let router = Arc::new(Mutex::new(IrqRouter::new(
-        ioapic.clone(),
-        remap.clone(),
+    let remap = cfg.iommu_intremap.then(|| RemapUnit::new(mem.clone()));
+    let with_remap = remap.is_some();
+    let router = IrqRouter::new(
+        Ioapic::new(layout::IOAPIC_ID),
+        remap,
         interrupts.clone(),
-        firmware_tables::DEFAULT_IOAPIC_SOURCE_ID,
-    )));
+        layout::IOAPIC_SOURCE_ID,
+    );
     let mut mmio = Bus::new();
     mmio.insert_named(
         "ioapic",
@@ -390,7 +388,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         layout::IOAPIC_SIZE,
     )
     .map_err(VmError::Bus)?;
-    if remap.is_some() {
+    if with_remap {
         mmio.insert_named(
             "dmar",
             Arc::new(Mutex::new(RemapBus(router.clone()))),
@@ -454,7 +452,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
-        ioapic: ioapic.clone(),
+        eoi: router.clone(),
         exit: exit.clone(),
         stop: stop.clone(),
     };
@@ -477,24 +475,29 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     }
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
-    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power)
+    let parked = Arc::new(Mutex::new(ParkedPoller::new(interrupts.clone())));
+    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power, parked)
         .map_err(VmError::EventLoop);
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
     drain_reason(&exit_rx);
 
-    let ioapic_stats = ioapic.lock().unwrap_or_else(|e| e.into_inner()).stats();
-    let irqs_blocked = router.lock().unwrap_or_else(|e| e.into_inner()).blocked();
+    let (ioapic_stats, irqs_blocked, remap_stats) = {
+        let router = devices::sync::lock(&router);
+        (
+            router.ioapic_stats(),
+            router.blocked(),
+            router.remap_stats(),
+        )
+    };
     Ok(RunOutcome {
         exit: reason,
         interrupts: interrupts.counters(),
         serial_irqs: serial_line.triggers(),
         ioapic: ioapic_stats,
         devices: dm.stats(),
-        remap: remap
-            .as_ref()
-            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).stats()),
+        remap: remap_stats,
         irqs_blocked,
         elapsed: started.elapsed(),
         exits: ExitCounts {
@@ -521,9 +524,12 @@ fn mark_counters(
             "irqfd_triggers",
             (|s: &InterruptStats| &s.irqfd_triggers) as fn(&InterruptStats) -> &AtomicU64,
         ),
-        ("userspace_injected", |s| &s.userspace_injected),
+        ("signal_msi", |s| &s.signal_msi),
+        ("ioapic_eoi_exits", |s| &s.ioapic_eoi_exits),
         ("routing_updates", |s| &s.routing_updates),
         ("routes_rebuilt", |s| &s.routes_rebuilt),
+        ("blocked_requests", |s| &s.blocked_requests),
+        ("fault_events", |s| &s.fault_events),
     ] {
         let s = stats.clone();
         out.push((

@@ -1,47 +1,107 @@
-//! Interrupt remapping on real KVM, no Linux: a device whose requester ID does not match the
-//! IRTE's source-id check is blocked and a fault is recorded in the unit's fault recording
-//! register; the guest keeps running and still gets the interrupt of the rightful device.
-//! The unit is programmed through its registers exactly as Linux does it.
+//! Interrupt remapping on real KVM, no Linux. The unit is programmed through its registers
+//! exactly as Linux does it, with fault events unmasked and aimed at a vector the tiny guest
+//! counts ([`FAULT_VECTOR`]).
+//!
+//! - A device whose requester ID does not match the IRTE's source-id check is blocked; the
+//!   fault is recorded only when it actually fires (once per request), and the fault-event
+//!   MSI reaches the guest, which keeps running and still gets the rightful device's
+//!   interrupt.
+//! - An IOAPIC entry programmed onto a non-present IRTE: when the pin fires, the fault is
+//!   recorded and the fault-event MSI reaches the guest.
 
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::remap::{enable_remapping, irte, r64, remappable};
-use common::{start_tiny_guest, VECTOR, VECTOR_PORT, WAIT};
-use devices::remap::regs::{DMAR_FRCD_REG, DMAR_FSTS_REG, DMA_FSTS_PPF};
+use common::remap::{enable_remapping, irte, r64, remappable, w32};
+use common::{start_tiny_guest, Poller, TinyGuest, FAULT_VECTOR, VECTOR, VECTOR_PORT, WAIT};
+use devices::remap::regs::{
+    DMAR_FEADDR_REG, DMAR_FECTL_REG, DMAR_FEDATA_REG, DMAR_FEUADDR_REG, DMAR_FRCD_REG,
+    DMAR_FSTS_REG, DMA_FSTS_PPF,
+};
 use devices::remap::RemapUnit;
 use devices::{BusDevice, InterruptLine, Ioapic};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::interrupts::InterruptManager;
-use vmm::irq_routing::{IrqRouter, RemapBus};
+use vmm::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 
 const IRT_BASE: u64 = 0x10_0000;
 const IQ_BASE: u64 = 0x20_0000;
-/// VT-d fault reason: interrupt request's source-id does not match the IRTE's.
+/// VT-d fault reasons: source-id mismatch, entry not present.
 const FR_SID_MISMATCH: u64 = 0x26;
+const FR_NOT_PRESENT: u64 = 0x22;
 /// The IRTE, and the requester IDs of the device it belongs to and of an intruder.
 const INDEX: u16 = 3;
 const OWNER_SID: u16 = 0x0010;
 const OTHER_SID: u16 = 0x0020;
+const IOAPIC_SID: u16 = 0xff00;
 
-#[test]
-fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
+struct Setup {
+    guest: TinyGuest,
+    im: Arc<InterruptManager>,
+    router: Arc<Mutex<IrqRouter>>,
+    regs: RemapBus,
+    _poller: Poller,
+}
+
+/// The tiny guest, the router with a remapping unit brought up as Linux does, fault events
+/// unmasked to FAULT_VECTOR on APIC 0, and the VMM's parked-source poller running.
+fn setup() -> Setup {
     let guest = start_tiny_guest();
     let im = Arc::new(InterruptManager::new(guest.vm.clone(), 24, (24, 1023)));
     im.init_routing().unwrap();
-    let unit = Arc::new(Mutex::new(RemapUnit::new(guest.mem.clone())));
-    let router = Arc::new(Mutex::new(IrqRouter::new(
-        Arc::new(Mutex::new(Ioapic::new(0))),
-        Some(unit.clone()),
+    let router = IrqRouter::new(
+        Ioapic::new(0),
+        Some(RemapUnit::new(guest.mem.clone())),
         im.clone(),
-        0xff00,
-    )));
+        IOAPIC_SID,
+    );
     let mut regs = RemapBus(router.clone());
-
     // The guest's driver: queued invalidation, x2APIC-format table of 256 entries, IR on.
     enable_remapping(&mut regs, IRT_BASE, IQ_BASE);
+    // dmar_set_interrupt(): the fault event's message, then unmask it.
+    w32(&mut regs, DMAR_FEDATA_REG, u32::from(FAULT_VECTOR));
+    w32(&mut regs, DMAR_FEADDR_REG, 0xfee0_0000);
+    w32(&mut regs, DMAR_FEUADDR_REG, 0);
+    w32(&mut regs, DMAR_FECTL_REG, 0);
+    let poller = Poller::start(im.clone());
+    Setup {
+        guest,
+        im,
+        router,
+        regs,
+        _poller: poller,
+    }
+}
+
+fn faults_recorded(router: &Mutex<IrqRouter>) -> u64 {
+    router
+        .lock()
+        .unwrap()
+        .remap_stats()
+        .unwrap()
+        .faults_recorded
+}
+
+/// Waits for the guest to report `vector`.
+fn expect_vector(guest: &TinyGuest, vector: u8, what: &str) {
+    let (port, got) = guest
+        .ports
+        .recv_timeout(WAIT)
+        .unwrap_or_else(|_| panic!("guest did not get {what}"));
+    assert_eq!((port, got), (VECTOR_PORT, vector), "{what}");
+}
+
+#[test]
+fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded_when_it_fires() {
+    let Setup {
+        guest,
+        im,
+        router,
+        mut regs,
+        _poller,
+    } = setup();
     // IRTE: present, fixed, physical APIC ID 0, VECTOR; SVT = 1 (verify SID), SQ = 0, SID.
     let entry = irte(VECTOR) | u128::from(OWNER_SID) << 64 | 1u128 << 82;
     guest
@@ -49,7 +109,8 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
         .write_obj(entry, GuestAddress(IRT_BASE + 16 * u64::from(INDEX)))
         .unwrap();
 
-    // The intruder programs the owner's interrupt index: no route, a fault is recorded.
+    // The intruder programs the owner's interrupt index: no route; nothing recorded yet,
+    // because nothing was requested yet.
     let intruder = im.allocate_msi().unwrap();
     let intruder_line = im.irqfd_line(intruder.gsi()).unwrap();
     router
@@ -61,17 +122,16 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
         None,
         "blocked message must have no KVM route"
     );
+    assert!(im.is_parked(intruder.gsi()), "blocked source is parked");
+    assert_eq!(faults_recorded(&router), 0, "no request, no fault");
+    assert_eq!(r64(&mut regs, DMAR_FRCD_REG + 8) >> 63, 0, "FRCD empty");
+
+    // The intruder fires: one fault, and the fault event reaches the guest (not VECTOR).
     intruder_line.trigger().unwrap();
-    assert!(
-        guest
-            .ports
-            .recv_timeout(Duration::from_millis(500))
-            .is_err(),
-        "the blocked interrupt reached the guest"
-    );
-    let stats = unit.lock().unwrap().stats();
+    expect_vector(&guest, FAULT_VECTOR, "the fault-event interrupt");
+    assert_eq!(faults_recorded(&router), 1);
+    let stats = router.lock().unwrap().remap_stats().unwrap();
     assert_eq!(stats.blocked.source_id_mismatch, 1);
-    assert_eq!(stats.faults_recorded, 1);
     let mut fsts = [0u8; 4];
     regs.read(DMAR_FSTS_REG, &mut fsts);
     assert_ne!(
@@ -87,6 +147,11 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
     assert_eq!(hi & 0xffff, u64::from(OTHER_SID), "recorded requester");
     assert_eq!((hi >> 32) & 0xff, FR_SID_MISMATCH, "recorded reason");
     assert_eq!(lo >> 48, u64::from(INDEX), "recorded interrupt index");
+    let c = im.counters();
+    assert_eq!(
+        (c.blocked_requests, c.fault_events, c.signal_msi),
+        (1, 1, 1)
+    );
 
     // The rightful device still gets through, and the guest is still running to take it.
     let owner = im.allocate_msi().unwrap();
@@ -96,12 +161,50 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded() {
         .unwrap()
         .set_msi_source(owner.gsi(), Some(remappable(INDEX)), OWNER_SID);
     assert!(im.route(owner.gsi()).is_some());
+    assert!(!im.is_parked(owner.gsi()));
     owner_line.trigger().unwrap();
-    let (port, vector) = guest
-        .ports
-        .recv_timeout(WAIT)
-        .expect("guest did not get the interrupt");
-    assert_eq!((port, vector), (VECTOR_PORT, VECTOR));
+    expect_vector(&guest, VECTOR, "the owner's interrupt");
     guest.vcpu.join().unwrap();
-    assert_eq!(im.counters().userspace_injected, 0);
+    assert_eq!(im.counters().signal_msi, 1, "only the fault event");
+}
+
+#[test]
+fn ioapic_entry_onto_a_missing_irte_raises_a_fault_event_when_the_pin_fires() {
+    const PIN: u32 = 5;
+    const BAD_INDEX: u64 = 9;
+    let Setup {
+        guest,
+        im,
+        router,
+        mut regs,
+        _poller,
+    } = setup();
+    let line = im.irqfd_line(PIN).unwrap();
+    // IRTE 9 is not present (zeroed memory). Remappable-format RTE: handle 9, vector field =
+    // pin, unmasked.
+    let rte: u64 = BAD_INDEX << 49 | 1 << 48 | u64::from(PIN);
+    let mut ioapic = IoapicBus(router.clone());
+    for (reg, val) in [
+        (0x10 + 2 * PIN, rte as u32),
+        (0x11 + 2 * PIN, (rte >> 32) as u32),
+    ] {
+        w32(&mut ioapic, 0x00, reg);
+        w32(&mut ioapic, 0x10, val);
+    }
+    assert_eq!(im.route(PIN), None);
+    assert!(im.is_parked(PIN));
+    assert_eq!(faults_recorded(&router), 0);
+
+    line.trigger().unwrap();
+    expect_vector(&guest, FAULT_VECTOR, "the fault-event interrupt");
+    let hi = r64(&mut regs, DMAR_FRCD_REG + 8);
+    assert_eq!(hi >> 63, 1, "fault record valid (F)");
+    assert_eq!((hi >> 32) & 0xff, FR_NOT_PRESENT, "recorded reason");
+    assert_eq!(hi & 0xffff, u64::from(IOAPIC_SID), "recorded requester");
+    assert_eq!(faults_recorded(&router), 1);
+    // Nothing else arrives: the blocked interrupt itself is not delivered.
+    assert!(guest
+        .ports
+        .recv_timeout(Duration::from_millis(300))
+        .is_err());
 }

@@ -66,21 +66,18 @@ pub const SVT_REQUESTER_ID: u8 = 1;
 /// SVT value: verify that the requester's bus is within the range held in SID.
 pub const SVT_BUS_RANGE: u8 = 2;
 
-// Message fields (VT-d 5.1.2 and 5.1.5; Intel SDM vol. 3 11.11).
-const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
-/// Address bits 31:20 must read 0xFEE for an interrupt request.
-const MSI_ADDRESS_HEAD_MASK: u64 = 0xfff0_0000;
-const MSI_ADDR_SHV: u64 = 1 << 3;
-const MSI_ADDR_HANDLE_LOW_SHIFT: u32 = 5;
-const MSI_ADDR_HANDLE_LOW_MASK: u64 = 0x7fff;
-const MSI_ADDR_HANDLE_HIGH_SHIFT: u32 = 2;
-const MSI_ADDR_DEST_SHIFT: u32 = 12;
-const MSI_ADDR_RH_SHIFT: u32 = 3;
-const MSI_ADDR_DM_SHIFT: u32 = 2;
-const MSI_DATA_SUBHANDLE_MASK: u32 = 0xffff;
-const MSI_DATA_DELIVERY_MODE_SHIFT: u32 = 8;
-const MSI_DATA_LEVEL_ASSERT_SHIFT: u32 = 14;
-const MSI_DATA_TRIGGER_SHIFT: u32 = 15;
+// Message fields (VT-d 5.1.2 and 5.1.5; Intel SDM vol. 3 11.11): one definition, shared with
+// the IOAPIC model.
+use crate::interrupt::msi::{
+    ADDRESS_BASE as MSI_ADDRESS_BASE, ADDRESS_HEAD_MASK as MSI_ADDRESS_HEAD_MASK,
+    ADDR_DEST_SHIFT as MSI_ADDR_DEST_SHIFT, ADDR_DM_SHIFT as MSI_ADDR_DM_SHIFT,
+    ADDR_HANDLE_HIGH_SHIFT as MSI_ADDR_HANDLE_HIGH_SHIFT,
+    ADDR_HANDLE_LOW_MASK as MSI_ADDR_HANDLE_LOW_MASK,
+    ADDR_HANDLE_LOW_SHIFT as MSI_ADDR_HANDLE_LOW_SHIFT, ADDR_RH_SHIFT as MSI_ADDR_RH_SHIFT,
+    ADDR_SHV as MSI_ADDR_SHV, DATA_DELIVERY_MODE_SHIFT as MSI_DATA_DELIVERY_MODE_SHIFT,
+    DATA_LEVEL_ASSERT_SHIFT as MSI_DATA_LEVEL_ASSERT_SHIFT,
+    DATA_SUBHANDLE_MASK as MSI_DATA_SUBHANDLE_MASK, DATA_TRIGGER_SHIFT as MSI_DATA_TRIGGER_SHIFT,
+};
 
 /// One decoded 128-bit interrupt-remapping table entry (remapped format, VT-d 9.10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,7 +148,8 @@ impl Irte {
 
     /// Reserved bits that are set, for the table mode `eime`. Besides the always-reserved
     /// fields this counts IM (posted format is not supported, CAP.PI = 0), the reserved SVT
-    /// encoding 3, and in xAPIC mode the DST bits outside 15:8.
+    /// encoding 3, the reserved delivery modes 3 and 6, and in xAPIC mode the DST bits outside
+    /// 15:8.
     pub fn reserved_bits(&self, eime: bool) -> u128 {
         let mut reserved = IRTE_RESERVED | IRTE_IM;
         if !eime {
@@ -159,6 +157,11 @@ impl Irte {
         }
         if self.source_validation_type == 3 {
             reserved |= 0x3 << IRTE_SVT_SHIFT;
+        }
+        if matches!(self.delivery_mode, 3 | 6) {
+            // Delivery modes 3 and 6 are reserved encodings (VT-d 9.10, DLM): the field counts
+            // as a reserved field (fault reason 0x24).
+            reserved |= 0x7 << IRTE_DLM_SHIFT;
         }
         self.raw & reserved
     }
@@ -631,6 +634,21 @@ mod tests {
         let err = run(remappable(0, false, 0), 0, &XAPIC, 0, wide).unwrap_err();
         assert_eq!(err.reason, BlockReason::IrteReserved);
         assert!(run(remappable(0, false, 0), 0, &X2APIC, 0, wide).is_ok());
+    }
+
+    #[test]
+    fn reserved_delivery_modes_are_reserved_fields() {
+        for mode in 0u128..8 {
+            let raw = entry(0x30, 1) & !(0x7 << IRTE_DLM_SHIFT) | mode << IRTE_DLM_SHIFT;
+            let result = run(remappable(0, false, 0), 0, &X2APIC, 0, raw);
+            if mode == 3 || mode == 6 {
+                let err = result.unwrap_err();
+                assert_eq!(err.reason, BlockReason::IrteReserved, "mode {mode}");
+                assert_eq!(err.reason.fault_reason(), Some(0x24));
+            } else {
+                assert!(result.is_ok(), "mode {mode}");
+            }
+        }
     }
 
     #[test]

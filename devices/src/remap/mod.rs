@@ -23,21 +23,27 @@
 //!
 //! Interrupts never pass through the unit at run time. The VMM keeps, per interrupt source
 //! (IOAPIC pin, MSI-X vector), the message the guest programmed, and builds each KVM MSI
-//! route from [`RemapUnit::translate`] of it (an error means: no route). After every MMIO
-//! write it forwards to the unit, the VMM asks:
+//! route from [`RemapUnit::translate`] of it (an error means: no route; the source is
+//! *parked*, its eventfd polled by the VMM). The unit *pushes* everything the VMM must act on
+//! into the [`RemapSink`] that every side-effecting entry point takes:
 //!
-//! - [`RemapUnit::take_route_invalidation`]: which routes to recompute, all of them or those
-//!   whose message's [`remap_index`] falls in the given ranges (index-selective interrupt
-//!   entry cache invalidations);
-//! - [`RemapUnit::take_pending_msis`]: invalidation-completion and fault-event interrupts to
-//!   inject with `KVM_SIGNAL_MSI` (control plane only; also ask after `translate`, which can
-//!   record a fault).
+//! - [`RemapSink::invalidate`]: which routes to recompute, all of them or those whose
+//!   message's [`remap_index`] falls in the given ranges (index-selective interrupt entry
+//!   cache invalidations). Called at each wait descriptor *before* its status write, so a
+//!   guest that sees the status knows the new routes are in KVM;
+//! - [`RemapSink::raise`]: invalidation-completion and fault-event interrupts, injected with
+//!   `KVM_SIGNAL_MSI` (control plane only).
+//!
+//! A parked source that fires is an interrupt request the remapping hardware blocks: the VMM
+//! reports it with [`RemapUnit::request_blocked`], which records the fault (one per request,
+//! VT-d 5.1.4) and raises the fault event through the sink.
 //!
 //! ```text
 //!  guest writes IRTE, then IEC + wait descriptors, then IQT
-//!     └─► RemapUnit::write (IQT) ─► descriptors processed synchronously, status written
-//!            └─► take_route_invalidation() ─► VMM re-translates affected sources
-//!                   └─► RemapUnit::translate(guest msg, source-id) ─► KVM_SET_GSI_ROUTING
+//!     └─► RemapUnit::write(IQT, sink) ─► IEC descriptors collected
+//!            └─► wait descriptor: sink.invalidate(unit, inv) ─► VMM re-translates affected
+//!                   sources (RemapUnit::translate) ─► one KVM_SET_GSI_ROUTING
+//!            └─► then the status write / IWC / completion event (sink.raise)
 //! ```
 //!
 //! # Register behaviour worth knowing
@@ -62,4 +68,6 @@ mod tests;
 
 pub use irte::{remap_index, translate, BlockReason, Blocked, IrtTable, Irte};
 pub use regs::{REMAP_UNIT_SIZE, VTD_CAP, VTD_ECAP, VTD_VER};
-pub use unit::{BlockedStats, RemapStats, RemapUnit, RouteInvalidation};
+pub use unit::{
+    BlockedStats, RecordingSink, RemapSink, RemapStats, RemapUnit, RouteInvalidation, UnitEvent,
+};

@@ -60,7 +60,8 @@ pub const DMAR_FRCD_REG_NR: usize = 8;
 /// Linux maps `max(IRO * 16 + 16, FRO * 16 + NFR * 16)` bytes, so both stay in the page.
 pub const DMAR_IOTLB_REGS: u64 = 0x500;
 
-/// VER: major 1, minor 0.
+/// VER: major 1, minor 0. The behaviour modelled follows the current (3.x) specification for
+/// the interrupt-remapping subset; Linux only prints VER, so the value is informational.
 pub const VTD_VER: u32 = 0x10;
 
 /// CAP.ND (bits 2:0) = 2: 8-bit domain IDs (unused: no DMA translation).

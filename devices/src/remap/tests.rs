@@ -6,7 +6,6 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::regs::*;
 use super::*;
-use crate::bus::BusDevice;
 use crate::interrupt::MsiMessage;
 use crate::ioapic::rte_to_msi;
 
@@ -44,6 +43,8 @@ fn selective_iec(index: u16, mask: u8) -> (u64, u64) {
 struct Guest {
     mem: GuestMemoryMmap,
     unit: RemapUnit,
+    /// What the unit pushed.
+    sink: RecordingSink,
     /// Next free queue slot (Linux's `free_head`).
     tail: u32,
     /// Queue slots (256 for QS = 0).
@@ -58,17 +59,20 @@ impl Guest {
         Guest {
             mem,
             unit,
+            sink: RecordingSink::default(),
             tail: 0,
             slots: 256,
         }
     }
 
     fn w32(&mut self, offset: u64, value: u32) {
-        self.unit.write(offset, &value.to_le_bytes());
+        self.unit
+            .write(offset, &value.to_le_bytes(), &mut self.sink);
     }
 
     fn w64(&mut self, offset: u64, value: u64) {
-        self.unit.write(offset, &value.to_le_bytes());
+        self.unit
+            .write(offset, &value.to_le_bytes(), &mut self.sink);
     }
 
     fn r32(&mut self, offset: u64) -> u32 {
@@ -81,6 +85,16 @@ impl Guest {
         let mut data = [0u8; 8];
         self.unit.read(offset, &mut data);
         u64::from_le_bytes(data)
+    }
+
+    /// One interrupt request from `sid`: the route's translation and, when blocked, the
+    /// request reported as the VMM does when a parked source fires.
+    fn request(&mut self, msg: MsiMessage, sid: u16) -> Result<MsiMessage, Blocked> {
+        let result = self.unit.translate(msg, sid);
+        if let Err(blocked) = &result {
+            self.unit.request_blocked(blocked, sid, &mut self.sink);
+        }
+        result
     }
 
     fn gsts(&mut self) -> u32 {
@@ -146,7 +160,7 @@ impl Guest {
         g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
         assert_ne!(g.gsts() & DMA_GSTS_IRES, 0);
         assert!(g.unit.enabled());
-        g.unit.take_route_invalidation();
+        g.sink.take_invalidation();
         g
     }
 }
@@ -189,29 +203,20 @@ fn linux_bring_up_sequence() {
     g.w64(DMAR_IRTA_REG, IRT_BASE | 1 << 11 | 0xf);
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_SIRTP);
     assert_eq!(g.gsts(), DMA_GSTS_QIES | DMA_GSTS_IRTPS);
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
 
     // qi_global_iec: IEC + wait through the queue.
     assert_eq!(g.submit(&[global_iec()]), QI_DONE);
     assert_eq!(g.r64(DMAR_IQH_REG), 2 << 4);
     assert_eq!(g.r64(DMAR_IQH_REG), g.r64(DMAR_IQT_REG));
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
-    assert_eq!(g.unit.take_route_invalidation(), None);
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
+    assert_eq!(g.sink.take_invalidation(), None);
 
     // intel_enable_irq_remapping: IRE, CFI stays clear.
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
     assert_eq!(g.gsts(), DMA_GSTS_QIES | DMA_GSTS_IRTPS | DMA_GSTS_IRES);
     assert!(g.unit.enabled());
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
     assert_eq!(g.fsts(), 0);
 
     let stats = g.unit.stats();
@@ -226,13 +231,13 @@ fn remapped_ioapic_entry_translates_after_selective_iec() {
     // Linux modify_irte: write the entry, then qi_flush_iec(index, 0).
     g.put_irte(7, irte(0x33, 0x02 << 8, IOAPIC_SID));
     assert_eq!(g.submit(&[selective_iec(7, 0)]), QI_DONE);
-    let inv = g.unit.take_route_invalidation().unwrap();
+    let inv = g.sink.take_invalidation().unwrap();
     assert_eq!(inv, single(7..8));
     assert!(inv.covers(remap_index(ioapic_msg(7))));
     assert!(!inv.covers(remap_index(ioapic_msg(8))));
     assert!(!inv.covers(None));
 
-    let msg = g.unit.translate(ioapic_msg(7), IOAPIC_SID).unwrap();
+    let msg = g.request(ioapic_msg(7), IOAPIC_SID).unwrap();
     assert_eq!(
         msg,
         MsiMessage {
@@ -248,7 +253,7 @@ fn remapped_ioapic_entry_translates_after_selective_iec() {
 fn x2apic_entry_translates_to_kvm_extended_destination() {
     let mut g = Guest::bring_up(true);
     g.put_irte(0x8001, irte(0x40, 0x0000_0123, IOAPIC_SID));
-    let msg = g.unit.translate(ioapic_msg(0x8001), IOAPIC_SID).unwrap();
+    let msg = g.request(ioapic_msg(0x8001), IOAPIC_SID).unwrap();
     assert_eq!(msg.address, 0x100 << 32 | 0xfee2_3000);
     assert_eq!(msg.data, 0x40);
 }
@@ -263,15 +268,12 @@ fn selective_iecs_accumulate_and_merge() {
     ]);
     g.submit(&[selective_iec(11, 0)]);
     assert_eq!(
-        g.unit.take_route_invalidation(),
+        g.sink.take_invalidation(),
         Some(RouteInvalidation::Indices(vec![8..12, 32..36]))
     );
     // A global one among selective ones wins.
     g.submit(&[selective_iec(1, 0), global_iec(), selective_iec(2, 0)]);
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
     assert_eq!(g.unit.stats().iec_selective, 6);
 }
 
@@ -286,7 +288,7 @@ fn malformed_descriptor_sets_iqe_and_stops_there() {
     assert_eq!(g.r64(DMAR_IQER_REG), 3);
     assert_eq!(g.unit.stats().queue_errors, 1);
     // The IEC before the bad descriptor took effect.
-    assert_eq!(g.unit.take_route_invalidation(), Some(single(3..4)));
+    assert_eq!(g.sink.take_invalidation(), Some(single(3..4)));
 
     // Nothing is fetched while IQE is set, even on another tail write.
     g.write_tail();
@@ -377,7 +379,7 @@ fn wrapped_queue_is_processed_in_order() {
     assert_eq!(g.r64(DMAR_IQH_REG), 2 << 4);
     assert_eq!(g.status(A), 3);
     assert_eq!(g.status(B), 2);
-    assert_eq!(g.unit.take_route_invalidation(), Some(single(5..6)));
+    assert_eq!(g.sink.take_invalidation(), Some(single(5..6)));
     assert_eq!(g.fsts(), 0);
 }
 
@@ -396,12 +398,12 @@ fn wait_with_interrupt_flag_sets_iwc_and_queues_msi() {
     g.queue(&[wait_desc(0, 0, QI_IWD_IF)]);
     g.write_tail();
     assert_eq!(g.r32(DMAR_ICS_REG), DMA_ICS_IWC);
-    assert_eq!(g.unit.take_pending_msis(), vec![expected]);
+    assert_eq!(g.sink.take_msis(), vec![expected]);
 
     // IWC still set: no new event.
     g.queue(&[wait_desc(0, 0, QI_IWD_IF)]);
     g.write_tail();
-    assert!(g.unit.take_pending_msis().is_empty());
+    assert!(g.sink.take_msis().is_empty());
 
     // W1C: writing 0 leaves it, writing 1 clears it; then the next wait interrupts again.
     g.w32(DMAR_ICS_REG, 0);
@@ -410,7 +412,7 @@ fn wait_with_interrupt_flag_sets_iwc_and_queues_msi() {
     assert_eq!(g.r32(DMAR_ICS_REG), 0);
     g.queue(&[wait_desc(0, 0, QI_IWD_IF)]);
     g.write_tail();
-    assert_eq!(g.unit.take_pending_msis(), vec![expected]);
+    assert_eq!(g.sink.take_msis(), vec![expected]);
     assert_eq!(g.unit.stats().completion_events, 2);
 }
 
@@ -424,11 +426,11 @@ fn masked_completion_event_is_pending_until_unmasked() {
     g.queue(&[wait_desc(0, 0, QI_IWD_IF)]);
     g.write_tail();
     assert_eq!(g.r32(DMAR_IECTL_REG), DMA_FECTL_IM | DMA_FECTL_IP);
-    assert!(g.unit.take_pending_msis().is_empty());
+    assert!(g.sink.take_msis().is_empty());
     g.w32(DMAR_IECTL_REG, 0);
     assert_eq!(g.r32(DMAR_IECTL_REG), 0);
     assert_eq!(
-        g.unit.take_pending_msis(),
+        g.sink.take_msis(),
         vec![MsiMessage {
             address: 0xfee0_1000,
             data: 0x55
@@ -440,7 +442,7 @@ fn masked_completion_event_is_pending_until_unmasked() {
 fn blocked_interrupt_records_a_fault() {
     let mut g = Guest::bring_up(false);
     // Entry 9 is not present.
-    let err = g.unit.translate(ioapic_msg(9), IOAPIC_SID).unwrap_err();
+    let err = g.request(ioapic_msg(9), IOAPIC_SID).unwrap_err();
     assert_eq!(err.reason, BlockReason::NotPresent);
 
     let frcd = DMAR_FRCD_REG;
@@ -454,13 +456,13 @@ fn blocked_interrupt_records_a_fault() {
     assert_eq!(g.unit.stats().blocked.not_present, 1);
 
     // FECTL.IM is set at reset: the event is pending; Linux's dmar_msi_unmask sends it.
-    assert!(g.unit.take_pending_msis().is_empty());
+    assert!(g.sink.take_msis().is_empty());
     assert_ne!(g.r32(DMAR_FECTL_REG) & DMA_FECTL_IP, 0);
     g.w32(DMAR_FEDATA_REG, 0x21);
     g.w32(DMAR_FEADDR_REG, 0xfee0_0000);
     g.w32(DMAR_FECTL_REG, 0);
     assert_eq!(
-        g.unit.take_pending_msis(),
+        g.sink.take_msis(),
         vec![MsiMessage {
             address: 0xfee0_0000,
             data: 0x21
@@ -475,10 +477,75 @@ fn blocked_interrupt_records_a_fault() {
     assert_eq!(g.fsts(), 0);
 
     // The next fault goes to the next record, FRI names it, and an unmasked event is sent.
-    g.unit.translate(ioapic_msg(10), IOAPIC_SID).unwrap_err();
+    g.request(ioapic_msg(10), IOAPIC_SID).unwrap_err();
     assert_ne!(g.r64(frcd + 16 + 8) & DMA_FRCD_F, 0);
     assert_eq!(g.fsts(), DMA_FSTS_PPF | 1 << 8);
-    assert_eq!(g.unit.take_pending_msis().len(), 1);
+    assert_eq!(g.sink.take_msis().len(), 1);
+}
+
+#[test]
+fn computing_a_blocked_route_records_nothing() {
+    let mut g = Guest::bring_up(false);
+    g.w32(DMAR_FECTL_REG, 0);
+    // Index 10 is not present: the route is blocked, but no interrupt was requested.
+    for _ in 0..3 {
+        g.unit.translate(ioapic_msg(10), IOAPIC_SID).unwrap_err();
+    }
+    assert_eq!(g.fsts(), 0);
+    assert_eq!(g.unit.stats().faults_recorded, 0);
+    assert!(g.sink.take_msis().is_empty());
+    // Each request is one fault.
+    let blocked = g.unit.translate(ioapic_msg(10), IOAPIC_SID).unwrap_err();
+    g.unit.request_blocked(&blocked, IOAPIC_SID, &mut g.sink);
+    g.unit.request_blocked(&blocked, IOAPIC_SID, &mut g.sink);
+    assert_eq!(g.unit.stats().faults_recorded, 2);
+    assert_eq!(g.unit.stats().blocked.not_present, 2);
+    assert_eq!(
+        g.sink.events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![UnitEvent::Fault],
+        "one event: the second fault arrives while PPF is pending"
+    );
+}
+
+/// Records, at each invalidation, what the guest's wait-status word said then.
+struct FenceProbe {
+    mem: GuestMemoryMmap,
+    seen: Vec<(RouteInvalidation, u32)>,
+}
+
+impl RemapSink for FenceProbe {
+    fn invalidate(&mut self, _unit: &mut RemapUnit, inv: RouteInvalidation) {
+        let status = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        self.seen.push((inv, status));
+    }
+    fn raise(&mut self, _kind: UnitEvent, _msg: MsiMessage) {}
+}
+
+#[test]
+fn each_wait_descriptor_fences_the_invalidations_before_it() {
+    let mut g = Guest::bring_up(false);
+    let second_status = STATUS + 0x100;
+    g.mem.write_obj(0u32, GuestAddress(STATUS)).unwrap();
+    g.mem.write_obj(0u32, GuestAddress(second_status)).unwrap();
+    g.queue(&[
+        selective_iec(3, 0),
+        wait_desc(QI_DONE, STATUS, QI_IWD_SW),
+        selective_iec(9, 0),
+        wait_desc(QI_DONE, second_status, QI_IWD_SW),
+    ]);
+    let mut probe = FenceProbe {
+        mem: g.mem.clone(),
+        seen: Vec::new(),
+    };
+    g.unit
+        .write(DMAR_IQT_REG, &(g.tail << 4).to_le_bytes(), &mut probe);
+    // Index 3 was pushed before the first status was written; index 9 after it but before
+    // the second.
+    assert_eq!(
+        probe.seen,
+        vec![(single(3..4), 0), (single(9..10), QI_DONE),]
+    );
+    assert_eq!(g.status(second_status), QI_DONE);
 }
 
 #[test]
@@ -486,14 +553,12 @@ fn fault_records_overflow_into_pfo() {
     let mut g = Guest::bring_up(false);
     g.w32(DMAR_FECTL_REG, 0);
     for index in 0..DMAR_FRCD_REG_NR as u16 {
-        g.unit
-            .translate(ioapic_msg(100 + index), IOAPIC_SID)
-            .unwrap_err();
+        g.request(ioapic_msg(100 + index), IOAPIC_SID).unwrap_err();
     }
     // One event for the first fault only: the rest arrive while PPF is pending.
-    assert_eq!(g.unit.take_pending_msis().len(), 1);
+    assert_eq!(g.sink.take_msis().len(), 1);
     assert_eq!(g.fsts() & DMA_FSTS_PFO, 0);
-    g.unit.translate(ioapic_msg(200), IOAPIC_SID).unwrap_err();
+    g.request(ioapic_msg(200), IOAPIC_SID).unwrap_err();
     assert_eq!(
         g.fsts() & (DMA_FSTS_PFO | DMA_FSTS_PPF),
         DMA_FSTS_PFO | DMA_FSTS_PPF
@@ -515,7 +580,7 @@ fn fault_records_overflow_into_pfo() {
 fn fpd_entry_blocks_without_recording() {
     let mut g = Guest::bring_up(false);
     g.put_irte(4, irte(0x30, 0, IOAPIC_SID) | 1 << 1);
-    let err = g.unit.translate(ioapic_msg(4), 0x0010).unwrap_err();
+    let err = g.request(ioapic_msg(4), 0x0010).unwrap_err();
     assert_eq!(err.reason, BlockReason::SourceIdMismatch);
     assert_eq!(g.fsts(), 0);
     assert_eq!(g.unit.stats().faults_suppressed, 1);
@@ -526,7 +591,7 @@ fn fpd_entry_blocks_without_recording() {
 fn source_id_mismatch_is_recorded_with_requester() {
     let mut g = Guest::bring_up(false);
     g.put_irte(4, irte(0x30, 0, IOAPIC_SID));
-    g.unit.translate(ioapic_msg(4), 0x0010).unwrap_err();
+    g.request(ioapic_msg(4), 0x0010).unwrap_err();
     let high = g.r64(DMAR_FRCD_REG + 8);
     assert_eq!((high >> 32) & 0xff, 0x26);
     assert_eq!(high & 0xffff, 0x0010);
@@ -537,7 +602,7 @@ fn unreadable_table_is_recorded() {
     let mut g = Guest::bring_up(false);
     g.w64(DMAR_IRTA_REG, (MEM_SIZE + 0x10_0000) | 0xf);
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE | DMA_GCMD_SIRTP);
-    let err = g.unit.translate(ioapic_msg(1), IOAPIC_SID).unwrap_err();
+    let err = g.request(ioapic_msg(1), IOAPIC_SID).unwrap_err();
     assert_eq!(err.reason, BlockReason::TableReadFailed);
     assert_eq!((g.r64(DMAR_FRCD_REG + 8) >> 32) & 0xff, 0x23);
 }
@@ -548,14 +613,11 @@ fn table_is_the_one_latched_by_sirtp() {
     g.put_irte(2, irte(0x30, 1 << 8, IOAPIC_SID));
     // A new IRTA without SIRTP changes nothing.
     g.w64(DMAR_IRTA_REG, (IRT_BASE + 0x1000) | 0xf);
-    assert!(g.unit.translate(ioapic_msg(2), IOAPIC_SID).is_ok());
+    assert!(g.request(ioapic_msg(2), IOAPIC_SID).is_ok());
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE | DMA_GCMD_SIRTP);
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
     // Entry 2 of the new table is entry 258 of the old one: not present.
-    let err = g.unit.translate(ioapic_msg(2), IOAPIC_SID).unwrap_err();
+    let err = g.request(ioapic_msg(2), IOAPIC_SID).unwrap_err();
     assert_eq!(err.reason, BlockReason::NotPresent);
 }
 
@@ -564,7 +626,7 @@ fn ire_without_sirtp_blocks_remappable_messages() {
     let mut g = Guest::new();
     g.w32(DMAR_GCMD_REG, DMA_GCMD_IRE);
     assert!(g.unit.enabled());
-    let err = g.unit.translate(ioapic_msg(0), IOAPIC_SID).unwrap_err();
+    let err = g.request(ioapic_msg(0), IOAPIC_SID).unwrap_err();
     assert_eq!(err.reason, BlockReason::TableReadFailed);
 }
 
@@ -575,8 +637,8 @@ fn remapping_disabled_passes_compat_and_blocks_remappable() {
         address: 0xfee0_1000,
         data: 0x31,
     };
-    assert_eq!(g.unit.translate(compat, 0), Ok(compat));
-    let err = g.unit.translate(ioapic_msg(3), IOAPIC_SID).unwrap_err();
+    assert_eq!(g.request(compat, 0), Ok(compat));
+    let err = g.request(ioapic_msg(3), IOAPIC_SID).unwrap_err();
     assert_eq!(err.reason, BlockReason::RemappingDisabled);
     assert_eq!(err.index, Some(3));
     // Not a fault: nothing recorded.
@@ -594,24 +656,18 @@ fn cfi_controls_compatibility_format() {
         address: 0xfee0_1000,
         data: 0x31,
     };
-    let err = g.unit.translate(compat, 0x0010).unwrap_err();
+    let err = g.request(compat, 0x0010).unwrap_err();
     assert_eq!(err.reason, BlockReason::CompatibilityBlocked);
     assert_eq!((g.r64(DMAR_FRCD_REG + 8) >> 32) & 0xff, 0x25);
 
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE | DMA_GCMD_CFI);
     assert_ne!(g.gsts() & DMA_GSTS_CFIS, 0);
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
-    assert_eq!(g.unit.translate(compat, 0x0010), Ok(compat));
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
+    assert_eq!(g.request(compat, 0x0010), Ok(compat));
 
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE | DMA_GCMD_IRE);
     assert_eq!(g.gsts() & DMA_GSTS_CFIS, 0);
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
 }
 
 #[test]
@@ -622,7 +678,7 @@ fn cfi_has_no_effect_in_x2apic_mode() {
         address: 0xfee0_1000,
         data: 0x31,
     };
-    let err = g.unit.translate(compat, 0).unwrap_err();
+    let err = g.request(compat, 0).unwrap_err();
     assert_eq!(err.reason, BlockReason::CompatibilityBlocked);
 }
 
@@ -631,13 +687,10 @@ fn ire_off_invalidates_everything() {
     let mut g = Guest::bring_up(false);
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE);
     assert!(!g.unit.enabled());
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
     // Writing the same levels again changes nothing.
     g.w32(DMAR_GCMD_REG, DMA_GCMD_QIE);
-    assert_eq!(g.unit.take_route_invalidation(), None);
+    assert_eq!(g.sink.take_invalidation(), None);
 }
 
 #[test]
@@ -682,7 +735,7 @@ fn fsts_status_bits_are_write_one_to_clear() {
     // Fix the tail before clearing IQE, or processing resumes straight into the same error.
     g.w64(DMAR_IQT_REG, head);
     // PPF cannot be cleared through FSTS (it follows the records).
-    g.unit.translate(ioapic_msg(1), IOAPIC_SID).unwrap_err();
+    g.request(ioapic_msg(1), IOAPIC_SID).unwrap_err();
     g.w32(DMAR_FSTS_REG, DMA_FSTS_PPF | DMA_FSTS_IQE);
     assert_eq!(g.fsts() & (DMA_FSTS_IQE | DMA_FSTS_PPF), DMA_FSTS_PPF);
 }
@@ -692,9 +745,9 @@ fn fault_event_waits_for_earlier_conditions() {
     let mut g = Guest::bring_up(false);
     g.w32(DMAR_FECTL_REG, 0);
     g.w32(DMAR_IQT_REG, 0x8); // IQE: first condition, one event.
-    assert_eq!(g.unit.take_pending_msis().len(), 1);
-    g.unit.translate(ioapic_msg(1), IOAPIC_SID).unwrap_err();
-    assert!(g.unit.take_pending_msis().is_empty());
+    assert_eq!(g.sink.take_msis().len(), 1);
+    g.request(ioapic_msg(1), IOAPIC_SID).unwrap_err();
+    assert!(g.sink.take_msis().is_empty());
     assert_eq!(g.unit.stats().fault_events, 1);
 }
 
@@ -727,8 +780,8 @@ fn other_widths_and_unknown_offsets_are_ignored() {
     let mut word = [0xffu8; 2];
     g.unit.read(DMAR_GSTS_REG, &mut word);
     assert_eq!(word, [0, 0]);
-    g.unit.write(DMAR_GCMD_REG, &[0, 0, 0, 4]); // 4 bytes: QIE (bit 26)
-    g.unit.write(DMAR_GCMD_REG + 3, &[2]); // 1 byte: ignored
+    g.unit.write(DMAR_GCMD_REG, &[0, 0, 0, 4], &mut g.sink); // 4 bytes: QIE (bit 26)
+    g.unit.write(DMAR_GCMD_REG + 3, &[2], &mut g.sink); // 1 byte: ignored
     assert_eq!(g.gsts(), DMA_GSTS_QIES);
     // Unaligned 4-byte access, unknown offset, beyond the page.
     assert_eq!(g.r32(DMAR_VER_REG + 2), 0);
@@ -761,14 +814,11 @@ fn read_only_registers_ignore_writes() {
 #[test]
 fn reset_restores_power_on_state_and_keeps_counters() {
     let mut g = Guest::bring_up(false);
-    g.unit.reset();
+    g.unit.reset(&mut g.sink);
     assert_eq!(g.gsts(), 0);
     assert!(!g.unit.enabled());
     assert_eq!(g.r32(DMAR_FECTL_REG), DMA_FECTL_IM);
-    assert_eq!(
-        g.unit.take_route_invalidation(),
-        Some(RouteInvalidation::All)
-    );
+    assert_eq!(g.sink.take_invalidation(), Some(RouteInvalidation::All));
     assert_eq!(g.unit.stats().iec_global, 1);
 }
 
@@ -796,7 +846,7 @@ fn arbitrary_accesses_never_panic() {
         let value = next();
         if r & 0x80 != 0 {
             g.unit
-                .write(offset & !3, &value.to_le_bytes()[..len.min(8)]);
+                .write(offset & !3, &value.to_le_bytes()[..len.min(8)], &mut g.sink);
         } else {
             let mut data = vec![0u8; len];
             g.unit.read(offset, &mut data);
@@ -805,8 +855,8 @@ fn arbitrary_accesses_never_panic() {
             address: 0xfee0_0000 | (value & 0xf_fffc),
             data: (value >> 32) as u32,
         };
-        let _ = g.unit.translate(msg, (value >> 16) as u16);
-        g.unit.take_route_invalidation();
-        g.unit.take_pending_msis();
+        let _ = g.request(msg, (value >> 16) as u16);
+        g.sink.take_invalidation();
+        g.sink.take_msis();
     }
 }

@@ -4,23 +4,95 @@
 
 use std::ops::Range;
 
-use log::{debug, warn};
+use std::sync::atomic::Ordering;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::irte::{self, remap_index, BlockReason, Blocked, IrtTable};
 use super::queue::{self, Descriptor, IecScope, QueueConfig};
 use super::regs::*;
-use crate::bus::BusDevice;
+use crate::guest_debug;
 use crate::interrupt::MsiMessage;
 
-/// At most this many index ranges are kept between two
-/// [`RemapUnit::take_route_invalidation`] calls; more collapse into
-/// [`RouteInvalidation::All`].
+/// At most this many index ranges are collected before they are pushed to the
+/// [`RemapSink`]; more collapse into [`RouteInvalidation::All`].
 const MAX_PENDING_RANGES: usize = 256;
-/// At most this many control-plane MSIs are kept between two
-/// [`RemapUnit::take_pending_msis`] calls (each event source has one pending interrupt at a
-/// time, so this is never reached by a well-behaved VMM).
+/// At most this many event MSIs are collected before they are pushed to the [`RemapSink`]
+/// (each event source has at most one pending interrupt per register write, so this is never
+/// reached).
 const MAX_PENDING_MSIS: usize = 64;
+/// How often an IRTE is re-read when a concurrent update changed it between the two
+/// 64-bit loads.
+const IRTE_READ_RETRIES: usize = 8;
+
+/// The unit's own event interrupts, see [`RemapSink::raise`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnitEvent {
+    /// A fault event (FEDATA, FEUADDR:FEADDR; VT-d 7.4).
+    Fault,
+    /// An invalidation-completion event (IEDATA, IEUADDR:IEADDR; VT-d 6.5.2.8).
+    InvalidationComplete,
+}
+
+/// Where the unit pushes what the VMM must act on: route invalidations and its own event
+/// interrupts. Every unit entry point with side effects takes one, so nothing can be left
+/// behind for a later poll.
+pub trait RemapSink {
+    /// The KVM routes `inv` covers may have changed. The sink recomputes them (translating
+    /// through `unit` with [`RemapUnit::translate`]) and makes them effective before it
+    /// returns. Called at each invalidation wait descriptor, for the invalidations queued
+    /// ahead of it, *before* the descriptor's status write and completion event (VT-d
+    /// 6.5.2.8), and at the end of a register write for invalidations not fenced by a wait
+    /// (IRE, SIRTP, CFI, trailing IEC descriptors).
+    fn invalidate(&mut self, unit: &mut RemapUnit, inv: RouteInvalidation);
+    /// An event interrupt of the unit itself, to inject now (`KVM_SIGNAL_MSI`). The
+    /// registers hold compatibility-format messages with destination bits 31:8 in the upper
+    /// address (VT-d 5.1.6), which is KVM's layout already.
+    fn raise(&mut self, kind: UnitEvent, msg: MsiMessage);
+}
+
+/// A [`RemapSink`] that records everything, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct RecordingSink {
+    /// Every invalidation pushed, in order.
+    pub invalidations: Vec<RouteInvalidation>,
+    /// Every event interrupt raised, in order.
+    pub events: Vec<(UnitEvent, MsiMessage)>,
+}
+
+impl RecordingSink {
+    /// The invalidations pushed since the last call, merged into one (`None`: none).
+    pub fn take_invalidation(&mut self) -> Option<RouteInvalidation> {
+        let mut merged: Option<RouteInvalidation> = None;
+        for inv in self.invalidations.drain(..) {
+            merged = Some(match (merged, inv) {
+                (None, inv) => inv,
+                (Some(RouteInvalidation::All), _) | (_, RouteInvalidation::All) => {
+                    RouteInvalidation::All
+                }
+                (Some(RouteInvalidation::Indices(mut a)), RouteInvalidation::Indices(b)) => {
+                    a.extend(b);
+                    RouteInvalidation::Indices(coalesce(a))
+                }
+            });
+        }
+        merged
+    }
+
+    /// The messages of the event interrupts raised since the last call, oldest first.
+    pub fn take_msis(&mut self) -> Vec<MsiMessage> {
+        self.events.drain(..).map(|(_, m)| m).collect()
+    }
+}
+
+impl RemapSink for RecordingSink {
+    fn invalidate(&mut self, _unit: &mut RemapUnit, inv: RouteInvalidation) {
+        self.invalidations.push(inv);
+    }
+    fn raise(&mut self, kind: UnitEvent, msg: MsiMessage) {
+        self.events.push((kind, msg));
+    }
+}
 
 /// IQT/IQH bits 18:4: the queue slot (128-bit descriptors); bits 3:0 must be 0.
 const IQ_OFFSET_MASK: u64 = 0x7_fff0;
@@ -36,7 +108,7 @@ const FSTS_CONDITIONS: u32 =
     DMA_FSTS_PFO | DMA_FSTS_PPF | DMA_FSTS_IQE | DMA_FSTS_ICE | DMA_FSTS_ITE;
 
 /// Which KVM routes a change of the remapping state can have affected; see
-/// [`RemapUnit::take_route_invalidation`].
+/// [`RemapSink::invalidate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouteInvalidation {
     /// Every route derived from a guest MSI/RTE may have changed: a global interrupt entry
@@ -133,9 +205,9 @@ pub struct RemapStats {
     pub faults_suppressed: u64,
     /// Faults lost to a full set of fault recording registers (FSTS.PFO).
     pub faults_overflowed: u64,
-    /// Fault-event interrupts queued for the VMM to inject.
+    /// Fault-event interrupts raised (pushed to the sink).
     pub fault_events: u64,
-    /// Invalidation-completion interrupts queued for the VMM to inject.
+    /// Invalidation-completion interrupts raised (pushed to the sink).
     pub completion_events: u64,
 }
 
@@ -173,8 +245,13 @@ pub struct RemapUnit {
     /// The table latched from IRTA by the last SIRTP.
     table: Option<IrtTable>,
 
+    /// Invalidations not yet pushed to the sink (within one entry point).
     invalidation: Option<RouteInvalidation>,
-    pending_msis: Vec<MsiMessage>,
+    /// Event MSIs not yet pushed to the sink (within one entry point).
+    pending_msis: Vec<(UnitEvent, MsiMessage)>,
+    /// A register write asked for queue processing; done at the end of the write, where the
+    /// sink is at hand for the wait descriptors' fences.
+    queue_kicked: bool,
     warned_te: bool,
     warned_iqe: bool,
     stats: RemapStats,
@@ -209,19 +286,20 @@ impl RemapUnit {
             table: None,
             invalidation: None,
             pending_msis: Vec::new(),
+            queue_kicked: false,
             warned_te: false,
             warned_iqe: false,
             stats: RemapStats::default(),
         }
     }
 
-    /// Returns to the reset state (platform reset). Counters are kept; every route must be
-    /// recomputed ([`RouteInvalidation::All`]) and pending MSIs are dropped.
-    pub fn reset(&mut self) {
+    /// Returns to the reset state (platform reset). Counters are kept; every route is
+    /// invalidated through `sink` ([`RouteInvalidation::All`]).
+    pub fn reset(&mut self, sink: &mut dyn RemapSink) {
         let stats = self.stats;
         *self = RemapUnit::new(self.mem.clone());
         self.stats = stats;
-        self.invalidation = Some(RouteInvalidation::All);
+        sink.invalidate(self, RouteInvalidation::All);
     }
 
     /// Whether interrupt remapping is enabled (GSTS.IRES).
@@ -229,24 +307,24 @@ impl RemapUnit {
         self.gsts & DMA_GSTS_IRES != 0
     }
 
-    /// Which routes to recompute since the last call, or `None` if nothing changed. The VMM
-    /// calls this after every MMIO write it forwards to the unit.
-    pub fn take_route_invalidation(&mut self) -> Option<RouteInvalidation> {
-        match self.invalidation.take()? {
-            RouteInvalidation::All => Some(RouteInvalidation::All),
-            RouteInvalidation::Indices(ranges) => {
-                Some(RouteInvalidation::Indices(coalesce(ranges)))
-            }
+    /// Pushes pending invalidations, then pending event MSIs, to `sink`.
+    fn flush(&mut self, sink: &mut dyn RemapSink) {
+        self.fence(sink);
+        for (kind, msg) in std::mem::take(&mut self.pending_msis) {
+            sink.raise(kind, msg);
         }
     }
 
-    /// Control-plane interrupts to inject from userspace (`KVM_SIGNAL_MSI`) since the last
-    /// call: invalidation-completion events (IEDATA/IEUADDR:IEADDR) and fault events
-    /// (FEDATA/FEUADDR:FEADDR), oldest first. These registers hold compatibility-format
-    /// messages with destination bits 31:8 in the upper address (VT-d 5.1.6), which is KVM's
-    /// layout already. Call after every MMIO write and every [`RemapUnit::translate`].
-    pub fn take_pending_msis(&mut self) -> Vec<MsiMessage> {
-        std::mem::take(&mut self.pending_msis)
+    /// Pushes pending invalidations to `sink`, which applies them before returning.
+    fn fence(&mut self, sink: &mut dyn RemapSink) {
+        let inv = match self.invalidation.take() {
+            None => return,
+            Some(RouteInvalidation::All) => RouteInvalidation::All,
+            Some(RouteInvalidation::Indices(ranges)) => {
+                RouteInvalidation::Indices(coalesce(ranges))
+            }
+        };
+        sink.invalidate(self, inv);
     }
 
     /// Counters since creation.
@@ -264,29 +342,35 @@ impl RemapUnit {
     /// - Remapping enabled: [`irte::translate`] against the table latched by the last SIRTP,
     ///   reading entries from guest memory, with GSTS.CFIS deciding compatibility format.
     ///
-    /// A block that is a VT-d fault and not suppressed by the entry's FPD is recorded in the
-    /// next fault recording register (or sets FSTS.PFO when that one is still full) and may
-    /// queue a fault-event MSI ([`RemapUnit::take_pending_msis`]). Faults are recorded when
-    /// a route is computed, not per interrupt: a blocked source simply has no route.
+    /// This computes a route; it records nothing. Faults are per interrupt *request* (VT-d
+    /// 5.1.4): when a source whose route is blocked actually fires, the VMM reports it with
+    /// [`RemapUnit::request_blocked`].
     pub fn translate(&mut self, msg: MsiMessage, source_id: u16) -> Result<MsiMessage, Blocked> {
         let result = self.translate_message(msg, source_id);
         match &result {
             Ok(_) if msg.is_remappable() => self.stats.translations += 1,
             Ok(_) => self.stats.passthrough += 1,
-            Err(blocked) => {
-                debug!(
-                    "remap: blocked {msg:x?} from source {source_id:#06x}: {:?} (index {:?})",
-                    blocked.reason, blocked.index
-                );
-                self.stats.blocked.count(blocked.reason);
-                if blocked.records_fault() {
-                    self.record_fault(blocked, source_id);
-                } else if blocked.fault_processing_disable {
-                    self.stats.faults_suppressed += 1;
-                }
-            }
+            Err(blocked) => guest_debug!(
+                "remap: route of {msg:x?} from source {source_id:#06x} blocked: {:?} (index {:?})",
+                blocked.reason,
+                blocked.index
+            ),
         }
         result
+    }
+
+    /// An interrupt request from `source_id` that `blocked` (the result of the translation
+    /// its route was computed with) stops: counted, and, when it is a VT-d fault not
+    /// suppressed by FPD, recorded in the next fault recording register (or FSTS.PFO when
+    /// that one is still full), which may raise a fault event through `sink`.
+    pub fn request_blocked(&mut self, blocked: &Blocked, source_id: u16, sink: &mut dyn RemapSink) {
+        self.stats.blocked.count(blocked.reason);
+        if blocked.records_fault() {
+            self.record_fault(blocked, source_id);
+        } else if blocked.fault_processing_disable {
+            self.stats.faults_suppressed += 1;
+        }
+        self.flush(sink);
     }
 
     fn translate_message(&self, msg: MsiMessage, source_id: u16) -> Result<MsiMessage, Blocked> {
@@ -319,13 +403,36 @@ impl RemapUnit {
         )
     }
 
+    /// Reads IRTE `index` as two single 64-bit loads (the guest may be rewriting it on
+    /// another vCPU: Linux without CMPXCHG16B writes the low, then the high quadword). Both
+    /// quadwords are read twice, and the read is retried (boundedly) until two consecutive
+    /// reads agree, so a half-updated entry is not used.
     fn read_irte(&self, table: &IrtTable, index: u32) -> Option<u128> {
         let address = table.entry_address(index)?;
-        let mut raw = [0u8; 16];
-        match self.mem.read_slice(&mut raw, GuestAddress(address)) {
-            Ok(()) => Some(u128::from_le_bytes(raw)),
+        let high_address = address.checked_add(8)?;
+        let load = |at: u64| self.mem.load::<u64>(GuestAddress(at), Ordering::Acquire);
+        let read = || -> Result<(u64, u64), vm_memory::GuestMemoryError> {
+            Ok((load(address)?, load(high_address)?))
+        };
+        let result = (|| -> Result<Option<(u64, u64)>, vm_memory::GuestMemoryError> {
+            let mut previous = read()?;
+            for _ in 0..IRTE_READ_RETRIES {
+                let current = read()?;
+                if current == previous {
+                    return Ok(Some(current));
+                }
+                previous = current;
+            }
+            Ok(None)
+        })();
+        match result {
+            Ok(Some((low, high))) => Some(u128::from(high) << 64 | u128::from(low)),
+            Ok(None) => {
+                guest_debug!("remap: IRTE {index} at {address:#x} kept changing while read");
+                None
+            }
             Err(e) => {
-                debug!("remap: cannot read IRTE {index} at {address:#x}: {e}");
+                guest_debug!("remap: cannot read IRTE {index} at {address:#x}: {e}");
                 None
             }
         }
@@ -391,7 +498,7 @@ impl RemapUnit {
             address: u64::from(self.feuaddr) << 32 | u64::from(self.feaddr),
             data: self.fedata,
         };
-        self.push_msi(msg);
+        self.push_msi(UnitEvent::Fault, msg);
     }
 
     /// After software cleared a status condition: once none is left, FECTL.IP clears.
@@ -420,14 +527,14 @@ impl RemapUnit {
             address: u64::from(self.ieuaddr) << 32 | u64::from(self.ieaddr),
             data: self.iedata,
         };
-        self.push_msi(msg);
+        self.push_msi(UnitEvent::InvalidationComplete, msg);
     }
 
-    fn push_msi(&mut self, msg: MsiMessage) {
+    fn push_msi(&mut self, kind: UnitEvent, msg: MsiMessage) {
         if self.pending_msis.len() < MAX_PENDING_MSIS {
-            self.pending_msis.push(msg);
+            self.pending_msis.push((kind, msg));
         } else {
-            debug!("remap: dropping event interrupt {msg:x?}: the VMM has not taken earlier ones");
+            guest_debug!("remap: dropping event interrupt {msg:x?}: too many in one write");
         }
     }
 
@@ -451,8 +558,10 @@ impl RemapUnit {
     // Queued invalidation (VT-d 6.5.2).
 
     /// Processes descriptors from IQH up to IQT, synchronously: the guest spins on the wait
-    /// descriptor's status word with interrupts off right after writing IQT.
-    fn process_queue(&mut self) {
+    /// descriptor's status word with interrupts off right after writing IQT. Each wait
+    /// descriptor first pushes the invalidations ahead of it to `sink` (which applies them),
+    /// then writes its status and raises its completion event.
+    fn process_queue(&mut self, sink: &mut dyn RemapSink) {
         let Some(queue) = self.queue else {
             return;
         };
@@ -479,7 +588,7 @@ impl RemapUnit {
             return;
         }
         while head != tail {
-            if let Err((iqei, what)) = self.process_descriptor(&queue, head) {
+            if let Err((iqei, what)) = self.process_descriptor(&queue, head, sink) {
                 // IQH keeps pointing at the offending descriptor.
                 self.queue_error(iqei, &what);
                 return;
@@ -489,7 +598,12 @@ impl RemapUnit {
         }
     }
 
-    fn process_descriptor(&mut self, queue: &QueueConfig, slot: u32) -> Result<(), (u64, String)> {
+    fn process_descriptor(
+        &mut self,
+        queue: &QueueConfig,
+        slot: u32,
+        sink: &mut dyn RemapSink,
+    ) -> Result<(), (u64, String)> {
         let address = queue.slot_address(slot).ok_or((
             queue::IQEI_FETCH_ERROR,
             format!("descriptor {slot} beyond the address space"),
@@ -528,6 +642,8 @@ impl RemapUnit {
                 ..
             } => {
                 self.stats.wait_descriptors += 1;
+                // Everything ahead of this descriptor takes effect first (VT-d 6.5.2.8).
+                self.fence(sink);
                 if let Some((status_address, data)) = status_write {
                     self.mem
                         .write_slice(&data.to_le_bytes(), GuestAddress(status_address))
@@ -541,6 +657,7 @@ impl RemapUnit {
                 if interrupt {
                     self.completion_event();
                 }
+                self.flush(sink);
             }
         }
         Ok(())
@@ -552,13 +669,13 @@ impl RemapUnit {
         self.iqer = iqei;
         self.stats.queue_errors += 1;
         if self.warned_iqe {
-            debug!(
+            guest_debug!(
                 "remap: invalidation queue error at IQH {:#x}: {what}",
                 self.iqh
             );
         } else {
             self.warned_iqe = true;
-            warn!(
+            crate::guest_warn!(
                 "remap: invalidation queue error at IQH {:#x}: {what}",
                 self.iqh
             );
@@ -571,7 +688,9 @@ impl RemapUnit {
     fn write_gcmd(&mut self, value: u32) {
         if value & DMA_GCMD_TE != 0 && !self.warned_te {
             self.warned_te = true;
-            warn!("remap: guest set GCMD.TE; this unit does no DMA translation (CAP.SAGAW = 0)");
+            crate::guest_warn!(
+                "remap: guest set GCMD.TE; this unit does no DMA translation (CAP.SAGAW = 0)"
+            );
         }
         if value & DMA_GCMD_SRTP != 0 {
             // Nothing uses the root table; acknowledge so a guest polling RTPS moves on.
@@ -590,7 +709,7 @@ impl RemapUnit {
         // SIRTP before IRE: a guest may set both in one write.
         if value & DMA_GCMD_SIRTP != 0 {
             let table = IrtTable::from_irta(self.irta);
-            debug!("remap: interrupt remapping table latched: {table:x?}");
+            guest_debug!("remap: interrupt remapping table latched: {table:x?}");
             self.table = Some(table);
             self.gsts |= DMA_GSTS_IRTPS;
             self.invalidate_all();
@@ -598,7 +717,7 @@ impl RemapUnit {
 
         let ire = value & DMA_GCMD_IRE != 0;
         if ire != self.enabled() {
-            debug!(
+            guest_debug!(
                 "remap: interrupt remapping {}",
                 if ire { "enabled" } else { "disabled" }
             );
@@ -608,7 +727,7 @@ impl RemapUnit {
 
         let cfi = value & DMA_GCMD_CFI != 0;
         if cfi != (self.gsts & DMA_GSTS_CFIS != 0) {
-            debug!(
+            guest_debug!(
                 "remap: compatibility-format interrupts {}",
                 if cfi { "allowed" } else { "blocked" }
             );
@@ -619,18 +738,19 @@ impl RemapUnit {
 
     fn enable_qi(&mut self) {
         let queue = QueueConfig::from_iqa(self.iqa);
-        debug!("remap: queued invalidation enabled: {queue:x?}");
+        guest_debug!("remap: queued invalidation enabled: {queue:x?}");
         self.queue = Some(queue);
         self.iqh = 0;
         self.gsts |= DMA_GSTS_QIES;
         // Linux writes IQT = 0 first; a guest that queued descriptors before enabling gets
         // them processed now.
-        self.process_queue();
+        self.queue_kicked = true;
     }
 
     fn disable_qi(&mut self) {
+        self.queue_kicked = false;
         if self.iqh != self.iqt & IQ_OFFSET_MASK {
-            debug!(
+            guest_debug!(
                 "remap: queued invalidation disabled with descriptors pending (IQH {:#x}, IQT {:#x})",
                 self.iqh, self.iqt
             );
@@ -649,7 +769,7 @@ impl RemapUnit {
         self.fault_conditions_cleared();
         if clear & DMA_FSTS_IQE != 0 {
             // Fetching resumes at IQH (Linux replaces the bad descriptor, then clears IQE).
-            self.process_queue();
+            self.queue_kicked = true;
         }
     }
 
@@ -741,11 +861,11 @@ impl RemapUnit {
             DMAR_RTADDR_REG => self.rtaddr = merge(self.rtaddr),
             DMAR_IQT_REG => {
                 self.iqt = merge(self.iqt) & IQT_WRITABLE;
-                self.process_queue();
+                self.queue_kicked = true;
             }
             DMAR_IQA_REG => {
                 if self.queue.is_some() {
-                    debug!("remap: IQA written while queued invalidation is enabled");
+                    guest_debug!("remap: IQA written while queued invalidation is enabled");
                 }
                 self.iqa = merge(self.iqa) & IQA_WRITABLE;
             }
@@ -787,7 +907,7 @@ impl RemapUnit {
             DMAR_IEADDR_REG => self.ieaddr = value & !0x3,
             DMAR_IEUADDR_REG => self.ieuaddr = value,
             DMAR_VER_REG | DMAR_GSTS_REG => {}
-            _ => debug!("remap: write of {value:#x} to unknown register {offset:#x} ignored"),
+            _ => guest_debug!("remap: write of {value:#x} to unknown register {offset:#x} ignored"),
         }
     }
 
@@ -826,10 +946,11 @@ fn access_ok(offset: u64, len: usize) -> bool {
             .is_some_and(|end| end <= REMAP_UNIT_SIZE)
 }
 
-impl BusDevice for RemapUnit {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl RemapUnit {
+    /// A guest MMIO read of the register page.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if !access_ok(offset, data.len()) {
-            debug!("remap: {}-byte read at {offset:#x} ignored", data.len());
+            guest_debug!("remap: {}-byte read at {offset:#x} ignored", data.len());
             data.fill(0);
             return;
         }
@@ -842,9 +963,13 @@ impl BusDevice for RemapUnit {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    /// A guest MMIO write of the register page. Queue processing it starts (an IQT write,
+    /// QIE, clearing IQE) runs here, with each wait descriptor fenced through `sink`; every
+    /// route invalidation and event interrupt the write causes is pushed to `sink` before
+    /// this returns.
+    pub fn write(&mut self, offset: u64, data: &[u8], sink: &mut dyn RemapSink) {
         if !access_ok(offset, data.len()) {
-            debug!("remap: {}-byte write at {offset:#x} ignored", data.len());
+            guest_debug!("remap: {}-byte write at {offset:#x} ignored", data.len());
             return;
         }
         if let Ok(dword) = <[u8; 4]>::try_from(data) {
@@ -852,5 +977,9 @@ impl BusDevice for RemapUnit {
         } else if let Ok(qword) = <[u8; 8]>::try_from(data) {
             self.write64(offset, u64::from_le_bytes(qword));
         }
+        if std::mem::take(&mut self.queue_kicked) {
+            self.process_queue(sink);
+        }
+        self.flush(sink);
     }
 }

@@ -1,14 +1,18 @@
 //! Shared by the KVM tests: a tiny real-mode guest that enables its x2APIC, says it is
-//! ready on a port, then halts with interrupts on; its handler for [`VECTOR`] writes the
-//! vector to [`VECTOR_PORT`] and EOIs. No Linux involved.
+//! ready on a port, then halts with interrupts on; its handlers for [`VECTOR`] and
+//! [`FAULT_VECTOR`] write the vector to [`VECTOR_PORT`] and EOI. No Linux involved.
 
 #![allow(dead_code)]
 
 pub mod remap;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm::interrupts::{InterruptManager, ParkedPoller};
 
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -18,8 +22,11 @@ pub const VECTOR_PORT: u16 = 0x10;
 /// Port the guest writes to once its LAPIC is enabled and interrupts are on.
 pub const READY_PORT: u16 = 0x11;
 pub const VECTOR: u8 = 0x40;
+/// A second vector the guest counts without stopping (the tests send fault events there).
+pub const FAULT_VECTOR: u8 = 0x41;
 pub const CODE: u64 = 0x1000;
 pub const HANDLER: u64 = 0x1100;
+pub const FAULT_HANDLER: u64 = 0x1200;
 
 /// 16-bit code: switch the LAPIC to x2APIC mode, software-enable it, say ready, then
 /// `sti; hlt` forever.
@@ -69,11 +76,11 @@ pub fn main_code() -> Vec<u8> {
     ]
 }
 
-/// Handler for VECTOR: report it, EOI through the x2APIC EOI MSR, iret.
-pub fn handler_code() -> Vec<u8> {
+/// Handler for `vector`: report it, EOI through the x2APIC EOI MSR, iret.
+pub fn handler_code(vector: u8) -> Vec<u8> {
     vec![
         0xb0,
-        VECTOR, //                        mov al, VECTOR
+        vector, //                        mov al, vector
         0xba,
         VECTOR_PORT as u8,
         0x00, //       mov dx, VECTOR_PORT
@@ -103,7 +110,7 @@ pub struct TinyGuest {
     /// Its memory (64 MiB).
     pub mem: GuestMemoryMmap,
     /// (port, value) of each byte the guest writes to a port; the vCPU thread ends after the
-    /// first write to `VECTOR_PORT`.
+    /// first write of `VECTOR` to `VECTOR_PORT`.
     pub ports: Receiver<(u16, u8)>,
     /// The vCPU thread.
     pub vcpu: JoinHandle<()>,
@@ -115,13 +122,15 @@ pub fn start_tiny_guest() -> TinyGuest {
     let vm = Arc::new(vmm::vm::create_vm(&kvm).expect("VM with split irqchip"));
     let mem = vmm::vm::create_memory(&vm, 64 << 20).expect("guest memory");
     mem.write_slice(&main_code(), GuestAddress(CODE)).unwrap();
-    mem.write_slice(&handler_code(), GuestAddress(HANDLER))
-        .unwrap();
-    // Real-mode IVT entry for VECTOR: offset, then segment 0.
-    mem.write_obj(HANDLER as u16, GuestAddress(u64::from(VECTOR) * 4))
-        .unwrap();
-    mem.write_obj(0u16, GuestAddress(u64::from(VECTOR) * 4 + 2))
-        .unwrap();
+    for (vector, handler) in [(VECTOR, HANDLER), (FAULT_VECTOR, FAULT_HANDLER)] {
+        mem.write_slice(&handler_code(vector), GuestAddress(handler))
+            .unwrap();
+        // Real-mode IVT entry: offset, then segment 0.
+        mem.write_obj(handler as u16, GuestAddress(u64::from(vector) * 4))
+            .unwrap();
+        mem.write_obj(0u16, GuestAddress(u64::from(vector) * 4 + 2))
+            .unwrap();
+    }
 
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let cpuid = kvm
@@ -147,7 +156,7 @@ pub fn start_tiny_guest() -> TinyGuest {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 tx.send((port, data[0])).unwrap();
-                if port == VECTOR_PORT {
+                if port == VECTOR_PORT && data[0] == VECTOR {
                     return;
                 }
             }
@@ -169,3 +178,37 @@ pub fn start_tiny_guest() -> TinyGuest {
 
 /// How long to wait for the guest.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The VMM's parked-source poller, on its own event loop thread; stops when dropped.
+pub struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Poller {
+    pub fn start(im: Arc<InterruptManager>) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+                EventManager::new().unwrap();
+            manager.add_subscriber(Arc::new(Mutex::new(ParkedPoller::new(im))));
+            while !flag.load(Ordering::SeqCst) {
+                manager.run_with_timeout(20).unwrap();
+            }
+        });
+        Poller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
