@@ -761,7 +761,7 @@ fn get_id(disk: &Disk, mem: &DeviceMemory, data: &[Descriptor]) -> Result<u32, R
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
 
@@ -904,6 +904,7 @@ mod tests {
             VIRTIO_BLK_F_FLUSH,
             VIRTIO_BLK_F_RO,
             VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_SIZE_MAX,
             VIRTIO_BLK_F_BLK_SIZE,
         ] {
             assert_ne!(f & (1 << bit), 0, "bit {bit}");
@@ -915,8 +916,12 @@ mod tests {
         block.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
         let mut word = [0u8; 4];
+        block.read_config(8, &mut word);
+        assert_eq!(u32::from_le_bytes(word), SIZE_MAX, "size_max");
+        assert_eq!(SIZE_MAX, 128 << 10);
         block.read_config(12, &mut word);
-        assert_eq!(u32::from_le_bytes(word), SEG_MAX);
+        assert_eq!(u32::from_le_bytes(word), SEG_MAX, "seg_max");
+        assert_eq!(SEG_MAX, 128);
         block.read_config(20, &mut word);
         assert_eq!(u32::from_le_bytes(word), 512);
         // Past what we fill in, and absurd offsets: zeros.
@@ -1410,5 +1415,239 @@ mod tests {
         block.process_queue(0);
         assert_eq!(vq.used().idx().load(), 0);
         assert_eq!(line.triggers(), 0);
+    }
+
+    /// A backend whose first read blocks until released (or `hold` passes), then fills the
+    /// buffer with 0x5a. Signals `started` when the read begins.
+    pub(crate) struct SlowDisk {
+        started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+        hold: std::time::Duration,
+    }
+
+    impl SlowDisk {
+        /// The backend, a receiver told when the read starts, a sender that ends it.
+        pub(crate) fn new(
+            hold: std::time::Duration,
+        ) -> (
+            SlowDisk,
+            std::sync::mpsc::Receiver<()>,
+            std::sync::mpsc::Sender<()>,
+        ) {
+            let (started_tx, started_rx) = std::sync::mpsc::channel();
+            let (release_tx, release_rx) = std::sync::mpsc::channel();
+            (
+                SlowDisk {
+                    started: Mutex::new(Some(started_tx)),
+                    release: Mutex::new(release_rx),
+                    hold,
+                },
+                started_rx,
+                release_tx,
+            )
+        }
+    }
+
+    impl DiskBackend for SlowDisk {
+        fn size(&self) -> io::Result<u64> {
+            Ok(1 << 20)
+        }
+        fn read_at(&self, _offset: u64, buf: &mut VolatileSlice<'_>) -> io::Result<()> {
+            if let Some(tx) = lock(&self.started).take() {
+                let _ = tx.send(());
+            }
+            let _ = lock(&self.release).recv_timeout(self.hold);
+            buf.write_slice(&vec![0x5a; buf.len()], 0)
+                .map_err(io::Error::other)
+        }
+        fn write_at(&self, _offset: u64, _buf: &VolatileSlice<'_>) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn w32(t: &mut crate::virtio::mmio::MmioTransport, offset: u64, value: u32) {
+        crate::bus::BusDevice::write(t, offset, &value.to_le_bytes());
+    }
+
+    fn r32(t: &mut crate::virtio::mmio::MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        crate::bus::BusDevice::read(t, offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Brings `t` to DRIVER_OK with one queue on `vq`, accepting `features_hi` (the upper 32
+    /// feature bits: 1 = VERSION_1, 2 = ACCESS_PLATFORM).
+    pub(crate) fn driver_ok(
+        t: &mut crate::virtio::mmio::MmioTransport,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        features_hi: u32,
+    ) {
+        use crate::virtio::mmio::*;
+        w32(t, VIRTIO_MMIO_STATUS, 1);
+        w32(t, VIRTIO_MMIO_STATUS, 3);
+        w32(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(t, VIRTIO_MMIO_DRIVER_FEATURES, features_hi);
+        w32(t, VIRTIO_MMIO_STATUS, 0xb);
+        w32(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w32(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(MOCK_QUEUE_SIZE));
+        for (reg, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, vq.desc_table_addr()),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, vq.avail_addr()),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, vq.used_addr()),
+        ] {
+            w32(t, reg, addr.0 as u32);
+            w32(t, reg + 4, (addr.0 >> 32) as u32);
+        }
+        w32(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w32(t, VIRTIO_MMIO_STATUS, 0xf);
+    }
+
+    #[test]
+    fn segment_over_size_max_or_too_many_segments_fail_with_ioerr() {
+        // One segment just over size_max, inside guest memory.
+        let (s, len, block, _d) = run_one(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[
+                Buf::R(HEADER, 16),
+                Buf::W(DATA, SIZE_MAX + 512),
+                Buf::W(STATUS, 1),
+            ],
+        );
+        assert_eq!((s, len), (VIRTIO_BLK_S_IOERR, 1));
+        assert_eq!(block.stats().bytes_read, 0);
+        // Exactly size_max is fine.
+        let (file, _d) = disk(2 * SIZE_MAX as u64 / SECTOR_SIZE);
+        let mut block = Block::new(file, false, "d".into(), false).unwrap();
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
+        activate(&mut block, &mem, &vq);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        submit(
+            &vq,
+            0,
+            &[
+                Buf::R(HEADER, 16),
+                Buf::W(DATA, SIZE_MAX),
+                Buf::W(STATUS, 1),
+            ],
+        );
+        block.process_queue(0);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+
+        // seg_max + 1 data segments (an indirect-free chain this long needs a big table).
+        let (file, _d) = disk(DISK_SECTORS);
+        let mut block = Block::new(file, false, "d".into(), false).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+        activate(&mut block, &mem, &vq);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut bufs = vec![Buf::R(HEADER, 16)];
+        bufs.extend((0..=SEG_MAX as u64).map(|i| Buf::W(DATA + 512 * (i % 8), 512)));
+        bufs.push(Buf::W(STATUS, 1));
+        submit(&vq, 0, &bufs);
+        block.process_queue(0);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+        assert_eq!(block.stats().bytes_read, 0);
+    }
+
+    #[test]
+    fn refusing_access_platform_fails_features_ok() {
+        let mem = guest_memory();
+        for (features_hi, accepted) in [(1, false), (3, true)] {
+            let (file, _d) = disk(1);
+            let block = Block::new(file, false, "d".into(), true).unwrap();
+            let mut t = crate::virtio::mmio::MmioTransport::new(
+                Arc::new(Mutex::new(block)),
+                device_memory(mem.clone(), None),
+                Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::new()))),
+            );
+            let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
+            driver_ok(&mut t, &vq, features_hi);
+            let st = r32(&mut t, crate::virtio::mmio::VIRTIO_MMIO_STATUS);
+            assert_eq!(
+                st & crate::virtio::mmio::DEVICE_FEATURES_OK != 0,
+                accepted,
+                "features {features_hi:#x}: status {st:#x}"
+            );
+            assert_eq!(t.is_activated(), accepted);
+        }
+    }
+
+    /// The old device held its mutex (and the transport's path to config space, Status and
+    /// reset) for a whole queue drain; with a backend stuck for 2 s these took 2 s.
+    #[test]
+    fn registers_and_reset_do_not_wait_for_a_stuck_read() {
+        use crate::virtio::mmio::*;
+        use std::time::{Duration, Instant};
+        const QUICK: Duration = Duration::from_millis(200);
+
+        let (slow, started, release) = SlowDisk::new(Duration::from_secs(2));
+        let block = Block::with_backend(Box::new(slow), false, "slow".into(), false).unwrap();
+        let block = Arc::new(Mutex::new(block));
+        let mem = guest_memory();
+        let line = Arc::new(CountingLine::new());
+        let mut t = MmioTransport::new(
+            block.clone(),
+            device_memory(mem.clone(), None),
+            Arc::new(VirtioInterrupt::new(line.clone())),
+        );
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
+        driver_ok(&mut t, &vq, 1);
+        assert!(t.is_activated());
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        submit(
+            &vq,
+            0,
+            &[Buf::R(HEADER, 16), Buf::W(DATA, 512), Buf::W(STATUS, 1)],
+        );
+        let handler = lock(&block).queue_handler();
+        let worker = std::thread::spawn(move || handler.process_queue(0));
+        started
+            .recv_timeout(Duration::from_secs(5))
+            .expect("read started");
+
+        let t0 = Instant::now();
+        let mut capacity = [0u8; 8];
+        crate::bus::BusDevice::read(&mut t, VIRTIO_MMIO_CONFIG, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 2048);
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_STATUS), 0xf);
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        w32(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert!(t0.elapsed() < QUICK, "registers took {:?}", t0.elapsed());
+
+        // Reset while the read is stuck: immediate, and the request is never completed
+        // into the old ring.
+        let t0 = Instant::now();
+        w32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert!(t0.elapsed() < QUICK, "reset took {:?}", t0.elapsed());
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_STATUS), 0);
+        release.send(()).unwrap();
+        assert_eq!(worker.join().unwrap(), QueueProgress::Idle);
+        assert_eq!(vq.used().idx().load(), 0, "completion after reset dropped");
+        assert_eq!(line.triggers(), 0);
+    }
+
+    #[test]
+    fn work_per_call_is_bounded() {
+        let (file, _d) = disk(DISK_SECTORS);
+        let mut block = Block::new(file, false, "d".into(), false).unwrap();
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+        let line = activate(&mut block, &mem, &vq);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let n = REQUESTS_PER_KICK as u16 + 4;
+        for i in 0..n {
+            submit(&vq, 2 * i, &[Buf::R(HEADER, 16), Buf::W(STATUS, 1)]);
+        }
+        let handler = block.queue_handler();
+        assert_eq!(handler.process_queue(0), QueueProgress::More);
+        assert_eq!(block.stats().flushes, REQUESTS_PER_KICK as u64);
+        assert_eq!(line.triggers(), REQUESTS_PER_KICK as u64);
+        assert_eq!(handler.process_queue(0), QueueProgress::Idle);
+        assert_eq!(block.stats().flushes, u64::from(n));
     }
 }

@@ -50,7 +50,7 @@ use super::mapping::{
     Invalidation, MappingLimits, MappingState, ReqError, MSI_IOVA_END, MSI_IOVA_START,
 };
 use super::protocol::*;
-use super::{EndpointIommu, Shared};
+use super::{EndpointIommu, Shared, Ticket};
 use crate::sync::lock;
 use crate::virtio::{
     ActivateError, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice, VirtioInterrupt,
@@ -149,6 +149,16 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
     /// Cleared by reset (under each queue's lock): later completions are dropped.
     live: AtomicBool,
+    /// Requests done but not yet returned: they restricted translations that requests
+    /// still in flight may use. Locked after the request queue. At most a queue's worth.
+    deferred: Mutex<Vec<Deferred>>,
+}
+
+/// A completed request whose used buffer waits for endpoint requests (its tickets).
+struct Deferred {
+    head: u16,
+    len: u32,
+    tickets: Vec<Ticket>,
 }
 
 /// Everything the control path and the data plane share.
@@ -352,10 +362,13 @@ impl Inner {
         self.acked_features.load(Ordering::SeqCst) & (1 << feature) != 0
     }
 
-    /// Runs `op` on the mapping state, drops the IOTLB entries it invalidated (state still
-    /// locked, so nothing refills them meanwhile), then, with every lock released, waits for
-    /// the affected endpoints' in-flight requests.
-    fn update<T>(&self, op: impl FnOnce(&mut MappingState) -> (T, Invalidation)) -> T {
+    /// Runs `op` on the mapping state and drops the IOTLB entries it invalidated (state still
+    /// locked, so nothing refills them meanwhile). Returns what the caller must wait for
+    /// before reporting completion: the affected endpoints' requests already in flight.
+    fn update<T>(
+        &self,
+        op: impl FnOnce(&mut MappingState) -> (T, Invalidation),
+    ) -> (T, Vec<Ticket>) {
         let (out, affected) = {
             let registry = lock(&self.endpoints);
             let mut state = lock(&self.shared.state);
@@ -370,14 +383,19 @@ impl Inner {
             }
             (out, affected)
         };
-        for h in &affected {
-            h.wait_for_requests();
+        (out, affected.iter().map(EndpointIommu::ticket).collect())
+    }
+
+    /// [`Inner::update`], then waits (blocking) for the affected endpoints' requests.
+    fn update_and_wait(&self, op: impl FnOnce(&mut MappingState) -> Invalidation) {
+        let ((), tickets) = self.update(|s| ((), op(s)));
+        for t in &tickets {
+            t.wait();
         }
-        out
     }
 
     fn set_bypass(&self, bypass: bool) {
-        self.update(|s| ((), s.set_bypass(bypass)));
+        self.update_and_wait(|s| s.set_bypass(bypass));
     }
 
     fn count(&self, type_: Option<u8>, status: usize) {
@@ -394,7 +412,14 @@ impl Inner {
     }
 
     /// Handles one request chain; returns the used length.
-    fn handle_request(&self, mem: &DeviceMemory, chain: DescriptorChain<&DeviceMemory>) -> u32 {
+    /// Handles one request chain; returns the used length. `tickets` gets what must finish
+    /// before the used buffer may be published.
+    fn handle_request(
+        &self,
+        mem: &DeviceMemory,
+        chain: DescriptorChain<&DeviceMemory>,
+        tickets: &mut Vec<Ticket>,
+    ) -> u32 {
         let ordered = readable_before_writable(chain.clone());
         let mut reader = Reader::new(mem, chain.clone())
             .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
@@ -425,10 +450,10 @@ impl Inner {
                 Reply::status(VIRTIO_IOMMU_S_DEVERR)
             }
             (true, Some(reader), Some(t)) => match t {
-                VIRTIO_IOMMU_T_ATTACH => self.attach(reader).into(),
-                VIRTIO_IOMMU_T_DETACH => self.detach(reader).into(),
+                VIRTIO_IOMMU_T_ATTACH => self.attach(reader, tickets).into(),
+                VIRTIO_IOMMU_T_DETACH => self.detach(reader, tickets).into(),
                 VIRTIO_IOMMU_T_MAP => self.map(reader).into(),
-                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader).into(),
+                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader, tickets).into(),
                 VIRTIO_IOMMU_T_PROBE => self.probe(reader, writable - TAIL_LEN),
                 _ => {
                     debug!("virtio-iommu: unknown request type {t}; returned unwritten");
@@ -470,7 +495,7 @@ impl Inner {
         buf.len() as u32
     }
 
-    fn attach(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn attach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         let req: VirtioIommuReqAttach = read_body(reader)?;
         if req.reserved != [0; 4] {
             return Err(ReqError::Inval);
@@ -481,14 +506,18 @@ impl Inner {
             u32::from(req.flags),
         );
         debug!("virtio-iommu: ATTACH endpoint {endpoint} to domain {domain} flags {flags:#x}");
-        self.update(|s| split(s.attach(domain, endpoint, flags)))
+        let (r, t) = self.update(|s| split(s.attach(domain, endpoint, flags)));
+        tickets.extend(t);
+        r
     }
 
-    fn detach(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn detach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         let req: VirtioIommuReqDetach = read_body(reader)?;
         let (domain, endpoint) = (u32::from(req.domain), u32::from(req.endpoint));
         debug!("virtio-iommu: DETACH endpoint {endpoint} from domain {domain}");
-        self.update(|s| split(s.detach(domain, endpoint)))
+        let (r, t) = self.update(|s| split(s.detach(domain, endpoint)));
+        tickets.extend(t);
+        r
     }
 
     fn map(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
@@ -507,7 +536,7 @@ impl Inner {
         lock(&self.shared.state).map(domain, start, end, phys, flags)
     }
 
-    fn unmap(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn unmap(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
@@ -522,7 +551,9 @@ impl Inner {
             u64::from(req.virt_start),
             u64::from(req.virt_end),
         );
-        self.update(|s| split(s.unmap(domain, start, end)))
+        let (r, t) = self.update(|s| split(s.unmap(domain, start, end)));
+        tickets.extend(t);
+        r
     }
 
     /// PROBE: one RESV_MEM/MSI property for the x86 MSI doorbell window, then zeros (type
@@ -566,10 +597,19 @@ impl Inner {
         }
     }
 
-    /// Serves up to [`REQUESTS_PER_KICK`] requests. The queue lock is released while a
-    /// request runs (an UNMAP may wait for endpoint requests there).
+    /// Serves up to [`REQUESTS_PER_KICK`] requests. A request that restricted translations
+    /// still in use by endpoint requests (UNMAP, DETACH, ATTACH during a slow disk read) is
+    /// applied at once but returned only when those requests finish
+    /// ([`Inner::complete_deferred`]); the requests behind it, for other endpoints, do not
+    /// wait (the driver matches completions by token; `VIRTIO_F_IN_ORDER` is not offered).
     fn process_requests(&self, active: &Active) -> QueueProgress {
         let queue = &active.queues[REQUEST_QUEUE];
+        let progress = self.process_requests_budget(active, queue);
+        self.complete_deferred(active);
+        progress
+    }
+
+    fn process_requests_budget(&self, active: &Active, queue: &Mutex<Queue>) -> QueueProgress {
         for _ in 0..REQUESTS_PER_KICK {
             let chain = {
                 let mut q = lock(queue);
@@ -582,12 +622,18 @@ impl Inner {
                 return QueueProgress::Idle;
             };
             let head = chain.head_index();
-            // Invalidations and the wait for in-flight endpoint requests happen inside, so the
-            // used buffer is published only after the old translations are gone.
-            let len = self.handle_request(&active.mem, chain);
+            // Invalidations happen inside; the used buffer is published only once no request
+            // can still use the old translations.
+            let mut tickets = Vec::new();
+            let len = self.handle_request(&active.mem, chain, &mut tickets);
+            tickets.retain(|t| !t.done());
             let mut q = lock(queue);
             if !active.live.load(Ordering::SeqCst) {
                 return QueueProgress::Idle;
+            }
+            if !tickets.is_empty() {
+                lock(&active.deferred).push(Deferred { head, len, tickets });
+                continue;
             }
             if let Err(e) = q.add_used(&active.mem, head, len) {
                 warn!("virtio-iommu: cannot return request {head}: {e}");
@@ -596,6 +642,35 @@ impl Inner {
             Self::notify(&mut q, active, REQUEST_QUEUE);
         }
         QueueProgress::More
+    }
+
+    /// Returns the deferred requests whose tickets are done. Called by the worker after each
+    /// batch and whenever the last waited-for endpoint request of an epoch ends (it writes
+    /// the fault eventfd, the worker's `EVENT_QUEUE` notifier).
+    fn complete_deferred(&self, active: &Active) {
+        let mut q = lock(&active.queues[REQUEST_QUEUE]);
+        if !active.live.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut deferred = lock(&active.deferred);
+        let mut completed = false;
+        let mut i = 0;
+        while i < deferred.len() {
+            if !deferred[i].tickets.iter().all(Ticket::done) {
+                i += 1;
+                continue;
+            }
+            let d = deferred.remove(i);
+            if let Err(e) = q.add_used(&active.mem, d.head, d.len) {
+                warn!("virtio-iommu: cannot return request {}: {e}", d.head);
+                continue;
+            }
+            completed = true;
+        }
+        drop(deferred);
+        if completed {
+            Self::notify(&mut q, active, REQUEST_QUEUE);
+        }
     }
 
     fn process_events(&self, active: &Active) -> QueueProgress {
@@ -675,7 +750,10 @@ impl QueueHandler for Inner {
         };
         match index {
             REQUEST_QUEUE => self.process_requests(&active),
-            EVENT_QUEUE => self.process_events(&active),
+            EVENT_QUEUE => {
+                self.complete_deferred(&active);
+                self.process_events(&active)
+            }
             _ => {
                 debug!("virtio-iommu: notification for unknown queue {index}");
                 QueueProgress::Idle
@@ -763,6 +841,7 @@ impl VirtioDevice for VirtioIommu {
             queues: queues.into_iter().map(Mutex::new).collect(),
             interrupt,
             live: AtomicBool::new(true),
+            deferred: Mutex::new(Vec::new()),
         }));
         Ok(())
     }
@@ -781,7 +860,7 @@ impl VirtioDevice for VirtioIommu {
             }
         }
         inner.acked_features.store(0, Ordering::SeqCst);
-        inner.update(|s| ((), s.reset()));
+        inner.update_and_wait(MappingState::reset);
         lock(&inner.shared.pending_faults).clear();
     }
 }

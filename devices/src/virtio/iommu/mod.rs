@@ -157,21 +157,53 @@ impl Shared {
 #[must_use = "the guard only protects the request while it is held"]
 #[derive(Debug)]
 pub struct RequestGuard<'a> {
-    in_flight: &'a InFlight,
+    endpoint: &'a EndpointInner,
     epoch: u64,
 }
 
 impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
-        let mut s = lock(&self.in_flight.state);
+        let in_flight = &self.endpoint.requests;
+        let mut s = lock(&in_flight.state);
+        let mut last_of_waited_epoch = false;
         if let Some(n) = s.by_epoch.get_mut(&self.epoch) {
             *n -= 1;
             if *n == 0 {
                 s.by_epoch.remove(&self.epoch);
+                // Somebody took a ticket while this request ran (an UNMAP, say).
+                last_of_waited_epoch = self.epoch < s.epoch;
             }
         }
         drop(s);
-        self.in_flight.done.notify_all();
+        in_flight.done.notify_all();
+        if last_of_waited_epoch {
+            if let Some(shared) = &self.endpoint.shared {
+                // Wakes the IOMMU's worker, which publishes completions deferred on this.
+                if let Err(e) = shared.fault_evt.write(1) {
+                    guest_warn!("virtio-iommu: cannot wake the worker: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What an operation that restricted translations must wait for: requests of one endpoint
+/// that started before the restriction. See [`EndpointIommu::ticket`].
+#[derive(Clone, Debug)]
+pub(crate) struct Ticket {
+    endpoint: EndpointIommu,
+    epoch: u64,
+}
+
+impl Ticket {
+    /// Whether every request the ticket waits for has finished.
+    pub(crate) fn done(&self) -> bool {
+        self.endpoint.inner.requests.done(self.epoch)
+    }
+
+    /// Blocks until [`Ticket::done`].
+    pub(crate) fn wait(&self) {
+        self.endpoint.inner.requests.wait(self.epoch);
     }
 }
 
@@ -193,22 +225,30 @@ struct InFlightState {
 }
 
 impl InFlight {
-    fn begin(&self) -> RequestGuard<'_> {
+    fn begin(&self) -> u64 {
         let mut s = lock(&self.state);
         let epoch = s.epoch;
         *s.by_epoch.entry(epoch).or_default() += 1;
-        RequestGuard {
-            in_flight: self,
-            epoch,
-        }
+        epoch
     }
 
-    /// Waits for every request that started before this call.
-    fn wait(&self) {
+    /// Starts a new epoch; returns the last one, whose requests a waiter waits for.
+    fn ticket(&self) -> u64 {
         let mut s = lock(&self.state);
         let before = s.epoch;
-        s.epoch = s.epoch.wrapping_add(1);
-        while s.by_epoch.range(..=before).next().is_some() {
+        // A u64 of epochs does not wrap.
+        s.epoch += 1;
+        before
+    }
+
+    fn done(&self, ticket: u64) -> bool {
+        lock(&self.state).by_epoch.range(..=ticket).next().is_none()
+    }
+
+    /// Waits for every request of epoch `ticket` or earlier.
+    fn wait(&self, ticket: u64) {
+        let mut s = lock(&self.state);
+        while s.by_epoch.range(..=ticket).next().is_some() {
             s = self
                 .done
                 .wait(s)
@@ -278,7 +318,19 @@ impl EndpointIommu {
     /// guest-memory access. See the
     /// [request-guard contract](self#request-guard-contract-for-device-models).
     pub fn begin_request(&self) -> RequestGuard<'_> {
-        self.inner.requests.begin()
+        RequestGuard {
+            endpoint: &self.inner,
+            epoch: self.inner.requests.begin(),
+        }
+    }
+
+    /// Call after invalidating this endpoint's IOTLB: what to wait for before telling the
+    /// driver that the old translations are gone.
+    pub(crate) fn ticket(&self) -> Ticket {
+        Ticket {
+            endpoint: self.clone(),
+            epoch: self.inner.requests.ticket(),
+        }
     }
 
     /// Requests of this endpoint in flight (holding a [`RequestGuard`]) right now.
@@ -310,11 +362,6 @@ impl EndpointIommu {
                 }
             }
         }
-    }
-
-    /// Waits until every request that holds a [`RequestGuard`] of this endpoint has finished.
-    fn wait_for_requests(&self) {
-        self.inner.requests.wait();
     }
 
     fn fill(tlb: &mut Iotlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {
