@@ -49,6 +49,7 @@ use super::{
 };
 use crate::bus::BusDevice;
 use crate::sync::lock;
+// Guest-triggerable lines: `debug!` is the rate-limited `guest_debug!`.
 use crate::{guest_debug as debug, guest_warn};
 
 /// Size of a virtio-mmio window (registers plus configuration space).

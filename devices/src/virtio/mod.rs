@@ -73,7 +73,7 @@ impl VirtioInterrupt {
     pub fn signal(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.line.trigger() {
-            log::warn!("virtio: cannot raise interrupt: {e}");
+            crate::guest_warn!("virtio: cannot raise interrupt: {e}");
         }
     }
 

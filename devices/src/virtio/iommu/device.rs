@@ -56,6 +56,7 @@ use crate::virtio::{
     ActivateError, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU,
 };
+// Every log line here is guest-triggerable: `debug!`/`warn!` are the rate-limited macros.
 use crate::{guest_debug as debug, guest_warn as warn};
 
 /// Index of the request queue.
@@ -813,7 +814,7 @@ impl VirtioDevice for VirtioIommu {
             } else if b > 1 {
                 debug!("virtio-iommu: invalid bypass value {b} ignored");
             } else {
-                log::debug!("virtio-iommu: bypass set to {b}");
+                debug!("virtio-iommu: bypass set to {b}");
                 self.inner.set_bypass(b == 1);
             }
         }
