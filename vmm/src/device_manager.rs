@@ -2,7 +2,6 @@
 //! places each on the MMIO bus with its window and IOAPIC pin, wires QueueNotify to KVM
 //! ioeventfds and the interrupt to an irqfd, and describes them for the firmware tables.
 
-use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
@@ -31,9 +30,9 @@ pub enum DeviceError {
     /// The IOMMU could not be created.
     #[error("Cannot create the virtio-iommu")]
     Iommu(#[source] devices::virtio::iommu::VirtioIommuError),
-    /// A disk image could not be opened.
-    #[error("Cannot open disk image {0}")]
-    OpenDisk(std::path::PathBuf, #[source] std::io::Error),
+    /// The opened disk image could not be handed to the device (`dup` failed).
+    #[error("Cannot duplicate the handle of disk image {0}")]
+    DiskHandle(std::path::PathBuf, #[source] std::io::Error),
     /// The block device could not be created.
     #[error("Cannot create the block device for {0}")]
     Block(
@@ -187,11 +186,11 @@ impl DeviceManager {
             dm.iommu = Some(iommu);
         }
         for (i, (disk, d)) in cfg.disks.iter().zip(&plan.disks).enumerate() {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!disk.read_only)
-                .open(&disk.path)
-                .map_err(|e| DeviceError::OpenDisk(disk.path.clone(), e))?;
+            // Opened once, when the configuration was checked.
+            let file = disk
+                .image
+                .file()
+                .map_err(|e| DeviceError::DiskHandle(disk.path.clone(), e))?;
             // The endpoint ID (the device's slot index) is the number in its VIOT node.
             let endpoint = match (&dm.iommu, d.endpoint_id) {
                 (Some(iommu), Some(id)) => Some(lock(iommu).endpoint(id)),
@@ -320,6 +319,7 @@ mod tests {
                 .iter()
                 .map(|&behind| DiskConfig {
                     path: "d".into(),
+                    image: crate::config::DiskImage::new(std::fs::File::open("/dev/null").unwrap()),
                     read_only: false,
                     iommu: behind,
                 })
