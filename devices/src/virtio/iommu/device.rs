@@ -286,9 +286,11 @@ impl VirtioIommu {
         self.inner.endpoint(id)
     }
 
-    /// Written whenever an endpoint records a fault. The VMM's worker calls
-    /// `process_queue(EVENT_QUEUE)` when it is readable; that reads (resets) the eventfd and
-    /// moves pending faults into event-queue buffers.
+    /// Written whenever an endpoint records a fault, and when the last endpoint request a
+    /// deferred UNMAP/DETACH/ATTACH waits for ends. The VMM's worker calls
+    /// `process_queue(EVENT_QUEUE)` when it is readable; that reads (resets) the eventfd,
+    /// returns the deferred requests that may now complete, and moves pending faults into
+    /// event-queue buffers.
     pub fn fault_eventfd(&self) -> &EventFd {
         &self.inner.shared.fault_evt
     }

@@ -28,9 +28,11 @@
 //! MAP needs no invalidation: a miss refills. UNMAP, DETACH, ATTACH (moving an endpoint out
 //! of bypass or out of another domain), clearing `bypass`, and device reset all restrict
 //! translations: the device drops the affected IOTLB entries while it still holds the state
-//! mutex (so no endpoint can refill a stale entry), releases the mutex, and then waits for the
-//! affected endpoints' in-flight requests (below) before it publishes the request's used
-//! buffer.
+//! mutex (so no endpoint can refill a stale entry), releases the mutex, and takes a ticket on
+//! each affected endpoint's in-flight requests (below). The request's used buffer is
+//! published only when those requests have finished: at once if there are none, else later
+//! (the last of them wakes the worker through the fault eventfd), while the requests queued
+//! behind it are served meanwhile. Writing `bypass` and device reset wait on the spot.
 //!
 //! # Request-guard contract for device models
 //!
