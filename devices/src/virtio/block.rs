@@ -1507,36 +1507,31 @@ pub(crate) mod tests {
 
     #[test]
     fn segment_over_size_max_or_too_many_segments_fail_with_ioerr() {
-        // One segment just over size_max, inside guest memory.
-        let (s, len, block, _d) = run_one(
-            VIRTIO_BLK_T_IN,
-            0,
-            &[
-                Buf::R(HEADER, 16),
-                Buf::W(DATA, SIZE_MAX + 512),
-                Buf::W(STATUS, 1),
-            ],
-        );
-        assert_eq!((s, len), (VIRTIO_BLK_S_IOERR, 1));
-        assert_eq!(block.stats().bytes_read, 0);
-        // Exactly size_max is fine.
-        let (file, _d) = disk(2 * SIZE_MAX as u64 / SECTOR_SIZE);
+        // A disk and memory big enough for the requests below: only the caps can fail them.
+        let (file, _d) = disk(4 * u64::from(SIZE_MAX) / SECTOR_SIZE);
         let mut block = Block::new(file, false, "d".into(), false).unwrap();
         let mem = guest_memory();
         let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
         activate(&mut block, &mem, &vq);
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        submit(
-            &vq,
-            0,
-            &[
-                Buf::R(HEADER, 16),
-                Buf::W(DATA, SIZE_MAX),
-                Buf::W(STATUS, 1),
-            ],
-        );
-        block.process_queue(0);
-        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        // One segment just over size_max, then one of exactly size_max.
+        for (n, (len, expected)) in [
+            (SIZE_MAX + 512, VIRTIO_BLK_S_IOERR),
+            (SIZE_MAX, VIRTIO_BLK_S_OK),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            submit(
+                &vq,
+                3 * n as u16,
+                &[Buf::R(HEADER, 16), Buf::W(DATA, len), Buf::W(STATUS, 1)],
+            );
+            block.process_queue(0);
+            assert_eq!(status(&mem), expected, "segment of {len} bytes");
+        }
+        assert_eq!(block.stats().bytes_read, u64::from(SIZE_MAX));
 
         // seg_max + 1 data segments (an indirect-free chain this long needs a big table).
         let (file, _d) = disk(DISK_SECTORS);
