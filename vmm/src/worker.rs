@@ -121,3 +121,48 @@ fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// Reports `More` for its first `more` calls.
+    struct Budgeted {
+        calls: AtomicUsize,
+        more: usize,
+    }
+
+    impl QueueHandler for Budgeted {
+        fn process_queue(&self, index: usize) -> QueueProgress {
+            assert_eq!(index, 3);
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.more {
+                QueueProgress::More
+            } else {
+                QueueProgress::Idle
+            }
+        }
+    }
+
+    #[test]
+    fn worker_comes_back_while_the_handler_has_more() {
+        let handler = Arc::new(Budgeted {
+            calls: AtomicUsize::new(0),
+            more: 2,
+        });
+        let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let worker = Worker::spawn("test".into(), handler.clone(), vec![(fd.clone(), 3)]).unwrap();
+        fd.write(1).unwrap();
+        let t0 = Instant::now();
+        while handler.calls.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        worker.stop();
+        assert_eq!(
+            handler.calls.load(Ordering::SeqCst),
+            3,
+            "one kick, two re-arms"
+        );
+    }
+}
