@@ -414,7 +414,6 @@ impl Inner {
         }
     }
 
-    /// Handles one request chain; returns the used length.
     /// Handles one request chain; returns the used length. `tickets` gets what must finish
     /// before the used buffer may be published.
     fn handle_request(

@@ -1289,6 +1289,34 @@ fn unmap_waits_only_for_requests_begun_before_it() {
     drop(new);
 }
 
+/// Clearing `bypass` is a config write: it cannot be deferred, so it waits (on the writing
+/// thread) for requests of unattached endpoints that may still use identity translations.
+#[test]
+fn clearing_bypass_waits_for_in_flight_requests() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    let ep = h.dev.endpoint(1);
+    let (started_tx, started_rx) = mpsc::channel();
+    let finished = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let finished = finished.clone();
+        thread::spawn(move || {
+            let _guard = ep.begin_request();
+            started_tx.send(()).unwrap();
+            thread::sleep(Duration::from_millis(100));
+            finished.store(true, Ordering::SeqCst);
+        })
+    };
+    started_rx.recv().unwrap();
+    h.write_bypass(0);
+    assert!(
+        finished.load(Ordering::SeqCst),
+        "bypass cleared while a request using identity translations was in flight"
+    );
+    worker.join().unwrap();
+    assert!(h.ep_mem(1).read_obj::<u8>(GuestAddress(DATA)).is_err());
+}
+
 #[test]
 fn map_does_not_wait_for_in_flight_requests() {
     let mem = guest();
