@@ -82,7 +82,8 @@ fn drive_virtio(transport: &mut MmioTransport, mem: &GuestMemoryMmap, rng: &mut 
     for status in [1, 3] {
         w32(transport, 0x70, status);
     }
-    // Accept a random subset of what the device offers, always VERSION_1 (bit 32).
+    // Accept a random subset of what the device offers, always VERSION_1 (bit 32) and, when
+    // offered, ACCESS_PLATFORM (bit 33: a device behind the IOMMU refuses drivers without it).
     for sel in 0..2 {
         w32(transport, 0x14, sel);
         let mut offered = [0u8; 4];
@@ -92,7 +93,7 @@ fn drive_virtio(transport: &mut MmioTransport, mem: &GuestMemoryMmap, rng: &mut 
         w32(
             transport,
             0x20,
-            (rng.next() as u32 & offered) | if sel == 1 { 1 } else { 0 },
+            (rng.next() as u32 & offered) | if sel == 1 { 1 | (offered & 2) } else { 0 },
         );
     }
     w32(transport, 0x70, 0xb); // FEATURES_OK

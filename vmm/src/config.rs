@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arch::boot::BootError;
 use arch::layout;
@@ -79,11 +80,40 @@ pub enum KernelFormat {
     Elf,
 }
 
+/// A disk image opened (with the access the guest gets) while the configuration was
+/// checked. The device uses this very file, never the path again: no second open, no window
+/// in which the path could point somewhere else. Clones share the file.
+#[derive(Debug, Clone)]
+pub struct DiskImage(Arc<File>);
+
+impl DiskImage {
+    /// Wraps an opened image.
+    pub fn new(file: File) -> Self {
+        DiskImage(Arc::new(file))
+    }
+
+    /// A handle on the same open file (a `dup`), for the device.
+    pub fn file(&self) -> std::io::Result<File> {
+        self.0.try_clone()
+    }
+}
+
+/// The same open file.
+impl PartialEq for DiskImage {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DiskImage {}
+
 /// One `--disk`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Image path.
+    /// Image path (for messages).
     pub path: PathBuf,
+    /// The image, opened read-write unless `read_only`.
+    pub image: DiskImage,
     /// Read-only for the guest.
     pub read_only: bool,
     /// Behind the virtio-iommu.
@@ -208,11 +238,9 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
         .next()
         .filter(|p| !p.is_empty())
         .ok_or_else(|| bad("missing path"))?;
-    let mut disk = DiskConfig {
-        path: PathBuf::from(path),
-        read_only: false,
-        iommu: iommu_dma,
-    };
+    let path = PathBuf::from(path);
+    let mut read_only = false;
+    let mut iommu = iommu_dma;
     for opt in parts {
         let (key, val) = opt
             .split_once('=')
@@ -223,23 +251,28 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
             _ => return Err(bad("values are on or off")),
         };
         match key {
-            "readonly" => disk.read_only = on,
-            "iommu" => disk.iommu = on,
+            "readonly" => read_only = on,
+            "iommu" => iommu = on,
             _ => return Err(bad(&format!("unknown option {key}"))),
         }
     }
-    if disk.iommu && !iommu_dma {
+    if iommu && !iommu_dma {
         return Err(bad("iommu=on needs --iommu (or --iommu=dma)"));
     }
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(!disk.read_only)
-        .open(&disk.path)
+        .write(!read_only)
+        .open(&path)
         .map_err(|source| ConfigError::DiskUnreadable {
-            path: disk.path.clone(),
+            path: path.clone(),
             source,
         })?;
-    Ok(disk)
+    Ok(DiskConfig {
+        path,
+        image: DiskImage::new(file),
+        read_only,
+        iommu,
+    })
 }
 
 fn sniff_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
@@ -423,6 +456,22 @@ mod tests {
         let d = parse_disk(&format!("{p},readonly=on,iommu=off"), true).unwrap();
         assert_eq!((d.read_only, d.iommu), (true, false));
         assert!(!parse_disk(p, false).unwrap().iommu);
+    }
+
+    #[test]
+    fn disk_image_is_the_file_opened_while_parsing() {
+        let img = temp_file("disk3.img", b"first image");
+        let p = img.to_str().unwrap();
+        let d = parse_disk(p, false).unwrap();
+        // The path now names another file: the device still gets the one that was checked.
+        std::fs::remove_file(&img).unwrap();
+        temp_file("disk3.img", b"other");
+        let mut content = String::new();
+        let mut f = d.image.file().unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).unwrap();
+        f.read_to_string(&mut content).unwrap();
+        assert_eq!(content, "first image");
+        assert_eq!(d.clone(), d, "clones share the image");
     }
 
     #[test]

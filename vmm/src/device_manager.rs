@@ -2,15 +2,15 @@
 //! places each on the MMIO bus with its window and IOAPIC pin, wires QueueNotify to KVM
 //! ioeventfds and the interrupt to an irqfd, and describes them for the firmware tables.
 
-use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
+use devices::sync::lock;
 use devices::virtio::block::{Block, BlockStats};
 use devices::virtio::iommu::device::EVENT_QUEUE;
 use devices::virtio::iommu::{IommuStats, VirtioIommu};
 use devices::virtio::mmio::{MmioTransport, VIRTIO_MMIO_QUEUE_NOTIFY};
-use devices::virtio::{device_memory, VirtioDevice, VirtioInterrupt};
+use devices::virtio::{device_memory, DeviceMemory, VirtioDevice, VirtioInterrupt};
 use devices::Bus;
 use firmware_tables::VirtioMmioDesc;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -30,9 +30,9 @@ pub enum DeviceError {
     /// The IOMMU could not be created.
     #[error("Cannot create the virtio-iommu")]
     Iommu(#[source] devices::virtio::iommu::VirtioIommuError),
-    /// A disk image could not be opened.
-    #[error("Cannot open disk image {0}")]
-    OpenDisk(std::path::PathBuf, #[source] std::io::Error),
+    /// The opened disk image could not be handed to the device (`dup` failed).
+    #[error("Cannot duplicate the handle of disk image {0}")]
+    DiskHandle(std::path::PathBuf, #[source] std::io::Error),
     /// The block device could not be created.
     #[error("Cannot create the block device for {0}")]
     Block(
@@ -77,6 +77,26 @@ pub struct DeviceStats {
     pub disks: Vec<BlockStats>,
     /// Interrupts raised by the virtio devices (irqfd writes).
     pub virtio_irqs: u64,
+}
+
+/// One device to put on the bus: where, under which name, and with which extra notifiers.
+struct AttachSpec<'a> {
+    /// Its window and pin.
+    slot: &'a VirtioMmioDesc,
+    /// The worker thread's name.
+    name: String,
+    dev: Arc<Mutex<dyn VirtioDevice>>,
+    /// The memory the device sees (through the IOMMU or not).
+    mem: DeviceMemory,
+    /// Eventfds besides the queues' the worker waits on.
+    extra: Vec<Notifier>,
+}
+
+/// The VM-side resources every attached device needs.
+struct AttachEnv<'a> {
+    vm: &'a VmFd,
+    mmio: &'a mut Bus,
+    interrupts: &'a InterruptManager,
 }
 
 /// The window and pin of virtio-mmio slot `index`.
@@ -140,9 +160,7 @@ impl DeviceManager {
         if let Some(d) = plan.iommu {
             let iommu = Arc::new(Mutex::new(VirtioIommu::new().map_err(DeviceError::Iommu)?));
             let fault_fd = Arc::new(
-                iommu
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                lock(&iommu)
                     .fault_eventfd()
                     .try_clone()
                     .map_err(DeviceError::EventFd)?,
@@ -150,30 +168,32 @@ impl DeviceManager {
             let dev: Arc<Mutex<dyn VirtioDevice>> = iommu.clone();
             // The IOMMU's own queues live in guest-physical memory.
             dm.attach(
-                &d,
-                "viommu",
-                dev,
-                device_memory(mem.clone(), None),
-                vec![(fault_fd, EVENT_QUEUE)],
-                vm,
-                mmio,
-                interrupts,
+                AttachSpec {
+                    slot: &d,
+                    name: "viommu".into(),
+                    dev,
+                    mem: device_memory(mem.clone(), None),
+                    extra: vec![(fault_fd, EVENT_QUEUE)],
+                },
+                AttachEnv {
+                    vm,
+                    mmio: &mut *mmio,
+                    interrupts,
+                },
             )?;
             log::info!("virtio-iommu at {:#x}, IRQ {}", d.base, d.irq);
             dm.iommu_desc = Some(d);
             dm.iommu = Some(iommu);
         }
         for (i, (disk, d)) in cfg.disks.iter().zip(&plan.disks).enumerate() {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!disk.read_only)
-                .open(&disk.path)
-                .map_err(|e| DeviceError::OpenDisk(disk.path.clone(), e))?;
+            // Opened once, when the configuration was checked.
+            let file = disk
+                .image
+                .file()
+                .map_err(|e| DeviceError::DiskHandle(disk.path.clone(), e))?;
             // The endpoint ID (the device's slot index) is the number in its VIOT node.
             let endpoint = match (&dm.iommu, d.endpoint_id) {
-                (Some(iommu), Some(id)) => {
-                    Some(iommu.lock().unwrap_or_else(|e| e.into_inner()).endpoint(id))
-                }
+                (Some(iommu), Some(id)) => Some(lock(iommu).endpoint(id)),
                 _ => None,
             };
             let behind_iommu = endpoint.is_some();
@@ -182,14 +202,18 @@ impl DeviceManager {
             let block = Arc::new(Mutex::new(block));
             let dev: Arc<Mutex<dyn VirtioDevice>> = block.clone();
             dm.attach(
-                d,
-                &format!("vblk{i}"),
-                dev,
-                device_memory(mem.clone(), endpoint),
-                Vec::new(),
-                vm,
-                mmio,
-                interrupts,
+                AttachSpec {
+                    slot: d,
+                    name: format!("vblk{i}"),
+                    dev,
+                    mem: device_memory(mem.clone(), endpoint),
+                    extra: Vec::new(),
+                },
+                AttachEnv {
+                    vm,
+                    mmio: &mut *mmio,
+                    interrupts,
+                },
             )?;
             log::info!(
                 "virtio-blk {} at {:#x}, IRQ {}{}",
@@ -206,43 +230,44 @@ impl DeviceManager {
         Ok(dm)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attach(
-        &mut self,
-        s: &VirtioMmioDesc,
-        name: &str,
-        dev: Arc<Mutex<dyn VirtioDevice>>,
-        dev_mem: devices::virtio::DeviceMemory,
-        extra: Vec<Notifier>,
-        vm: &VmFd,
-        mmio: &mut Bus,
-        interrupts: &InterruptManager,
-    ) -> Result<(), DeviceError> {
-        let line = interrupts
+    fn attach(&mut self, spec: AttachSpec<'_>, env: AttachEnv<'_>) -> Result<(), DeviceError> {
+        let AttachSpec {
+            slot: s,
+            name,
+            dev,
+            mem: dev_mem,
+            extra,
+        } = spec;
+        let line = env
+            .interrupts
             .irqfd_line(s.irq)
             .map_err(DeviceError::Interrupt)?;
         let interrupt = Arc::new(VirtioInterrupt::new(line.clone()));
         self.lines.push(line);
-        let transport = MmioTransport::new(dev.clone(), dev_mem, interrupt);
+        let handler = lock(&dev).queue_handler();
+        let mut transport = MmioTransport::new(dev, dev_mem, interrupt);
         let queues = transport.queue_count();
-        mmio.insert(
-            Arc::new(Mutex::new(transport)),
-            s.base,
-            layout::VIRTIO_MMIO_WINDOW,
-        )
-        .map_err(DeviceError::Bus)?;
         let mut notifiers = Vec::new();
         let notify = s.base + VIRTIO_MMIO_QUEUE_NOTIFY;
         for q in 0..queues {
             let fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?);
             // A 32-bit write of the queue index to QueueNotify signals this eventfd inside KVM.
-            vm.register_ioevent(fd.as_ref(), &IoEventAddress::Mmio(notify), q as u32)
+            env.vm
+                .register_ioevent(fd.as_ref(), &IoEventAddress::Mmio(notify), q as u32)
                 .map_err(|e| DeviceError::IoEvent(notify, e))?;
             self._ioeventfds.push(fd.clone());
             notifiers.push((fd, q));
         }
+        transport.set_queue_notifiers(notifiers.iter().map(|(fd, _)| fd.clone()).collect());
+        env.mmio
+            .insert(
+                Arc::new(Mutex::new(transport)),
+                s.base,
+                layout::VIRTIO_MMIO_WINDOW,
+            )
+            .map_err(DeviceError::Bus)?;
         notifiers.extend(extra);
-        let worker = Worker::spawn(name.to_owned(), dev, notifiers).map_err(DeviceError::Worker)?;
+        let worker = Worker::spawn(name, handler, notifiers).map_err(DeviceError::Worker)?;
         self.workers.push(worker);
         Ok(())
     }
@@ -260,15 +285,8 @@ impl DeviceManager {
     /// Current counters.
     pub fn stats(&self) -> DeviceStats {
         DeviceStats {
-            iommu: self
-                .iommu
-                .as_ref()
-                .map(|i| i.lock().unwrap_or_else(|e| e.into_inner()).stats()),
-            disks: self
-                .disks
-                .iter()
-                .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).stats())
-                .collect(),
+            iommu: self.iommu.as_ref().map(|i| lock(i).stats()),
+            disks: self.disks.iter().map(|d| lock(d).stats()).collect(),
             virtio_irqs: self.lines.iter().map(|l| l.triggers()).sum(),
         }
     }
@@ -301,6 +319,7 @@ mod tests {
                 .iter()
                 .map(|&behind| DiskConfig {
                     path: "d".into(),
+                    image: crate::config::DiskImage::new(std::fs::File::open("/dev/null").unwrap()),
                     read_only: false,
                     iommu: behind,
                 })

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 
-//! virtio-blk over a raw image file (virtio 1.2, §5.2).
+//! virtio-blk over a raw image (virtio 1.2, §5.2).
 //!
 //! One request queue. A request is a descriptor chain laid out the way every Linux, BSD and
 //! firmware driver builds it:
@@ -16,33 +16,49 @@
 //! Every guest buffer is reached through the [`DeviceMemory`] given to `activate`: when the
 //! device sits behind the virtio-iommu each access is translated and permission-checked, and
 //! a fault (unmapped IOVA, write to a read-only mapping) fails that request with
-//! `VIRTIO_BLK_S_IOERR`. Data moves directly between the image file and guest memory
-//! (`ReadVolatile` / `WriteVolatile` on the translated slices): no bounce buffer, so a request's
-//! size costs no host memory. Requests are still capped at [`MAX_REQUEST_BYTES`] so that one
-//! request cannot hold the device for long.
+//! `VIRTIO_BLK_S_IOERR`. Data moves directly between the image and guest memory (no bounce
+//! buffer).
+//!
+//! # Bounded work, and what waits for what
+//!
+//! - A request has at most [`SEG_MAX`] data segments of at most [`SIZE_MAX`] bytes each
+//!   (`VIRTIO_BLK_F_SEG_MAX`, `VIRTIO_BLK_F_SIZE_MAX`); larger requests get IOERR.
+//! - All of a request's buffers are translated into owned slices *before* the image is
+//!   touched, so no IOMMU lock (IOTLB, mapping state) is held during disk I/O. The request's
+//!   [`RequestGuard`] is held instead: an UNMAP of its domain completes only after the
+//!   request is done (see `virtio::iommu`).
+//! - The data plane ([`VirtioDevice::queue_handler`]) locks the queue only to pop a chain and
+//!   to return it, never across I/O, and handles at most [`REQUESTS_PER_KICK`] requests per
+//!   call; each completion is signalled on its own. Config reads, feature negotiation and
+//!   reset take no lock the data plane holds across I/O.
 //!
 //! Nothing a guest puts in a descriptor chain makes the device panic: malformed requests get
 //! `VIRTIO_BLK_S_IOERR` (or, when there is no usable status byte, go back to the used ring with
-//! length 0) and a `debug!` line.
+//! length 0) and a rate-limited `debug!` line.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestMemory, GuestMemoryError, Permissions, ReadVolatile, VolatileMemoryError,
-    WriteVolatile,
+    VolatileSlice, WriteVolatile,
 };
 
 use super::iommu::RequestGuard;
 use super::{
-    ActivateError, DeviceMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    ActivateError, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
+use crate::sync::lock;
+use crate::{guest_debug, guest_warn};
 
+/// Feature bit: the maximum size of one data segment is in `size_max`.
+pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
 /// Feature bit: the maximum number of data segments per request is in `seg_max`.
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 /// Feature bit: the device is read-only.
@@ -75,12 +91,17 @@ pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Data descriptors per request, announced in `seg_max`: a whole request (header, data,
-/// status) fits in the ring without indirect descriptors.
-pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Largest data length of one request; longer requests fail with IOERR. Linux sends at most
-/// `max_sectors_kb` (1280 KiB by default) per request.
-pub const MAX_REQUEST_BYTES: u64 = 128 << 20;
+/// Data segments per request, announced in `seg_max`. Linux builds at most this many
+/// (`max_segments`); a request needs `SEG_MAX + 2` ring slots without indirect descriptors.
+pub const SEG_MAX: u32 = 128;
+/// Largest data segment, announced in `size_max` (Linux's `max_segment_size`).
+pub const SIZE_MAX: u32 = 128 << 10;
+/// Largest data length of one request: [`SEG_MAX`] segments of [`SIZE_MAX`] bytes (16 MiB).
+/// Linux sends at most `max_sectors_kb` (1280 KiB by default) per request.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Requests handled per [`QueueHandler::process_queue`] call before the worker gets to look
+/// at its other events again.
+pub const REQUESTS_PER_KICK: usize = 16;
 
 /// Size of the request header (`struct virtio_blk_req` up to the data).
 const REQUEST_HEADER_SIZE: usize = 16;
@@ -96,6 +117,60 @@ pub enum BlockError {
     /// The size of the image could not be determined.
     #[error("Cannot get the size of the disk image")]
     ImageSize(#[source] io::Error),
+}
+
+/// Where a block device's sectors live. Positioned I/O straight into (out of) guest memory;
+/// implementations may block (the device calls them with no lock of its own held).
+pub trait DiskBackend: Send + Sync {
+    /// Size of the image in bytes.
+    fn size(&self) -> io::Result<u64>;
+    /// Fills `buf` from the image at byte `offset`.
+    fn read_at(&self, offset: u64, buf: &mut VolatileSlice<'_>) -> io::Result<()>;
+    /// Writes all of `buf` to the image at byte `offset`.
+    fn write_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()>;
+    /// Makes earlier writes durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// A [`DiskBackend`] over a raw image file (or block device).
+#[derive(Debug)]
+pub struct FileBackend(Mutex<File>);
+
+impl FileBackend {
+    /// Wraps an open image.
+    pub fn new(file: File) -> Self {
+        FileBackend(Mutex::new(file))
+    }
+}
+
+fn volatile_io(e: VolatileMemoryError) -> io::Error {
+    match e {
+        VolatileMemoryError::IOError(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+impl DiskBackend for FileBackend {
+    fn size(&self) -> io::Result<u64> {
+        // Seeking to the end also works for block devices, whose metadata length is 0.
+        lock(&self.0).seek(SeekFrom::End(0))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut VolatileSlice<'_>) -> io::Result<()> {
+        let mut f = lock(&self.0);
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact_volatile(buf).map_err(volatile_io)
+    }
+
+    fn write_at(&self, offset: u64, buf: &VolatileSlice<'_>) -> io::Result<()> {
+        let mut f = lock(&self.0);
+        f.seek(SeekFrom::Start(offset))?;
+        f.write_all_volatile(buf).map_err(volatile_io)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        lock(&self.0).sync_data()
+    }
 }
 
 /// Request counters, for the VMM's report. A request is counted under its type when its header
@@ -121,9 +196,22 @@ pub struct BlockStats {
     pub bytes_written: u64,
 }
 
+impl BlockStats {
+    fn add(&mut self, o: &BlockStats) {
+        self.reads += o.reads;
+        self.writes += o.writes;
+        self.flushes += o.flushes;
+        self.get_id += o.get_id;
+        self.unsupported += o.unsupported;
+        self.errors += o.errors;
+        self.bytes_read += o.bytes_read;
+        self.bytes_written += o.bytes_written;
+    }
+}
+
 /// The backing image and what the guest is told about it.
 struct Disk {
-    file: File,
+    backend: Box<dyn DiskBackend>,
     /// In 512-byte sectors.
     capacity: u64,
     read_only: bool,
@@ -134,59 +222,73 @@ struct Disk {
 /// What the device holds between DRIVER_OK and reset.
 struct Active {
     mem: DeviceMemory,
-    queue: Queue,
+    /// Locked to pop a chain and to return one, never across I/O.
+    queue: Mutex<Queue>,
     interrupt: Arc<VirtioInterrupt>,
+    /// Cleared (under `queue`) by reset: completions of requests still in flight are dropped.
+    live: AtomicBool,
+}
+
+/// The data plane, shared by the device and its worker.
+struct BlockQueue {
+    disk: Disk,
+    stats: Mutex<BlockStats>,
+    active: Mutex<Option<Arc<Active>>>,
 }
 
 /// A virtio-blk device over a raw image; see the [module documentation](self).
 pub struct Block {
-    disk: Disk,
     features: u64,
     acked_features: u64,
-    stats: BlockStats,
-    active: Option<Active>,
+    data: Arc<BlockQueue>,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
-            .field("capacity", &self.disk.capacity)
-            .field("read_only", &self.disk.read_only)
+            .field("capacity", &self.data.disk.capacity)
+            .field("read_only", &self.data.disk.read_only)
             .field("features", &self.features)
             .field("acked_features", &self.acked_features)
-            .field("stats", &self.stats)
-            .field("active", &self.active.is_some())
             .finish_non_exhaustive()
     }
 }
 
 /// Why a request failed. Decides the log level; the guest sees IOERR either way.
+#[derive(Debug, thiserror::Error)]
 enum RequestError {
-    /// The driver broke the request format.
-    Malformed(String),
+    #[error("{0} descriptors, more than {MAX_DESCRIPTORS}")]
+    TooManyDescriptors(usize),
+    #[error("status descriptor of {0} bytes (data and status merged?)")]
+    LongStatus(u32),
+    #[error("no header descriptor")]
+    NoHeader,
+    #[error("header in a device-writable descriptor")]
+    WritableHeader,
+    #[error("header descriptor of {0} bytes")]
+    ShortHeader(u32),
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("data descriptor with the wrong direction")]
+    WrongDirection,
+    #[error("data segment of {0} bytes, more than size_max {SIZE_MAX}")]
+    SegmentTooLarge(u32),
+    #[error("data length {0} is not a multiple of {SECTOR_SIZE}")]
+    PartialSector(u64),
+    #[error("sectors {sector}+{count} past the end ({capacity} sectors)")]
+    OutOfRange {
+        sector: u64,
+        count: u64,
+        capacity: u64,
+    },
+    #[error("GET_ID data in a device-readable descriptor")]
+    ReadableIdBuffer,
     /// A guest buffer could not be reached: outside guest memory, or an IOMMU fault.
-    GuestMemory(GuestMemoryError),
-    /// The image file failed.
+    #[error("request buffer not accessible: {0}")]
+    GuestMemory(#[from] GuestMemoryError),
+    /// The image failed.
+    #[error("image I/O failed: {0}")]
     Host(io::Error),
-}
-
-impl From<GuestMemoryError> for RequestError {
-    fn from(e: GuestMemoryError) -> Self {
-        RequestError::GuestMemory(e)
-    }
-}
-
-impl From<VolatileMemoryError> for RequestError {
-    fn from(e: VolatileMemoryError) -> Self {
-        match e {
-            VolatileMemoryError::IOError(e) => RequestError::Host(e),
-            other => RequestError::Host(io::Error::other(other)),
-        }
-    }
-}
-
-fn malformed(msg: impl Into<String>) -> RequestError {
-    RequestError::Malformed(msg.into())
 }
 
 impl Block {
@@ -195,15 +297,30 @@ impl Block {
     /// `read_only` offers `VIRTIO_BLK_F_RO` and fails writes (open `file` read-only too).
     /// `id` is returned by `VIRTIO_BLK_T_GET_ID`, cut to 20 bytes. `access_platform` offers
     /// `VIRTIO_F_ACCESS_PLATFORM`: set it when the device sits behind the IOMMU, or the guest
-    /// driver hands out physical addresses and bypasses it.
+    /// driver hands out physical addresses and bypasses it. A driver that refuses it then
+    /// fails feature negotiation.
     pub fn new(
-        mut file: File,
+        file: File,
         read_only: bool,
         id: String,
         access_platform: bool,
     ) -> Result<Block, BlockError> {
-        // Seeking to the end also works for block devices, whose metadata length is 0.
-        let size = file.seek(SeekFrom::End(0)).map_err(BlockError::ImageSize)?;
+        Self::with_backend(
+            Box::new(FileBackend::new(file)),
+            read_only,
+            id,
+            access_platform,
+        )
+    }
+
+    /// [`Block::new`] over any [`DiskBackend`].
+    pub fn with_backend(
+        backend: Box<dyn DiskBackend>,
+        read_only: bool,
+        id: String,
+        access_platform: bool,
+    ) -> Result<Block, BlockError> {
+        let size = backend.size().map_err(BlockError::ImageSize)?;
         if !size.is_multiple_of(SECTOR_SIZE) {
             warn!(
                 "virtio-blk: image size {size} is not a multiple of {SECTOR_SIZE}; the last {} \
@@ -221,6 +338,7 @@ impl Block {
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
 
         let mut features = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH);
@@ -240,34 +358,36 @@ impl Block {
             }
         );
         Ok(Block {
-            disk: Disk {
-                file,
-                capacity,
-                read_only,
-                id: id_bytes,
-            },
             features,
             acked_features: 0,
-            stats: BlockStats::default(),
-            active: None,
+            data: Arc::new(BlockQueue {
+                disk: Disk {
+                    backend,
+                    capacity,
+                    read_only,
+                    id: id_bytes,
+                },
+                stats: Mutex::new(BlockStats::default()),
+                active: Mutex::new(None),
+            }),
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.capacity
+        self.data.disk.capacity
     }
 
     /// The request counters.
     pub fn stats(&self) -> BlockStats {
-        self.stats
+        *lock(&self.data.stats)
     }
 
     /// `struct virtio_blk_config` up to `num_queues`, little endian.
     fn config(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
-        c[0..8].copy_from_slice(&self.disk.capacity.to_le_bytes());
-        // 8..12 size_max: not offered.
+        c[0..8].copy_from_slice(&self.data.disk.capacity.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         // 16..20 geometry: not offered.
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
@@ -290,13 +410,16 @@ impl VirtioDevice for Block {
         self.features
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features;
+    fn ack_features(&mut self, features: u64) -> bool {
         let platform = 1 << VIRTIO_F_ACCESS_PLATFORM;
         if self.features & platform != 0 && features & platform == 0 {
-            // Its addresses are still translated: its DMA will fault rather than bypass.
-            warn!("virtio-blk: driver refused ACCESS_PLATFORM; its requests will fail");
+            // Its addresses would still be translated: every request would fault. Refusing
+            // FEATURES_OK tells the driver at once (virtio 1.2 §6.1).
+            guest_warn!("virtio-blk: driver refused ACCESS_PLATFORM; FEATURES_OK refused");
+            return false;
         }
+        self.acked_features = features & self.features;
+        true
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -313,7 +436,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE (not offered).
-        debug!(
+        guest_debug!(
             "virtio-blk: {}-byte config write at {offset:#x} ignored",
             data.len()
         );
@@ -334,65 +457,80 @@ impl VirtioDevice for Block {
         }
         // VIRTIO_F_RING_EVENT_IDX is not offered.
         queue.set_event_idx(false);
-        self.active = Some(Active {
+        *lock(&self.data.active) = Some(Arc::new(Active {
             mem,
-            queue,
+            queue: Mutex::new(queue),
             interrupt,
-        });
+            live: AtomicBool::new(true),
+        }));
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
-        let Block {
-            disk,
-            stats,
-            active,
-            ..
-        } = self;
-        let Some(active) = active.as_mut() else {
-            debug!("virtio-blk: notification before activation; ignored");
-            return;
-        };
-        if index != 0 {
-            debug!("virtio-blk: notification for missing queue {index}; ignored");
-            return;
-        }
+    fn queue_handler(&self) -> Arc<dyn QueueHandler> {
+        self.data.clone()
+    }
 
-        let mut used_any = false;
-        loop {
+    fn reset(&mut self) {
+        if let Some(active) = lock(&self.data.active).take() {
+            // Waits at most for a pop or a used-ring update, never for I/O.
+            let _queue = lock(&active.queue);
+            active.live.store(false, Ordering::SeqCst);
+        }
+        self.acked_features = 0;
+    }
+}
+
+impl QueueHandler for BlockQueue {
+    fn process_queue(&self, index: usize) -> QueueProgress {
+        if index != 0 {
+            guest_debug!("virtio-blk: notification for missing queue {index}; ignored");
+            return QueueProgress::Idle;
+        }
+        let Some(active) = lock(&self.active).clone() else {
+            guest_debug!("virtio-blk: notification before activation; ignored");
+            return QueueProgress::Idle;
+        };
+        for _ in 0..REQUESTS_PER_KICK {
             // Held while this request uses translations, so an UNMAP cannot complete under it.
             let _request = begin_request(&active.mem);
-            let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
-                break;
+            let chain = {
+                let mut queue = lock(&active.queue);
+                if !active.live.load(Ordering::SeqCst) {
+                    return QueueProgress::Idle;
+                }
+                queue.pop_descriptor_chain(&active.mem)
+            };
+            let Some(chain) = chain else {
+                return QueueProgress::Idle;
             };
             let head = chain.head_index();
-            let len = process_request(disk, stats, &active.mem, chain);
-            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                // The used ring is not writable (unmapped by the guest, say): nothing more
-                // can be completed until the driver resets the device.
-                debug!("virtio-blk: cannot return request {head} to the used ring: {e}");
-                break;
-            }
-            used_any = true;
-        }
+            let mut stats = BlockStats::default();
+            let len = process_request(&self.disk, &mut stats, &active.mem, chain);
+            lock(&self.stats).add(&stats);
 
-        if used_any {
-            // Without EVENT_IDX this is always true; it stays in so that offering EVENT_IDX
-            // later is a one-line change.
-            match active.queue.needs_notification(&active.mem) {
+            let mut queue = lock(&active.queue);
+            if !active.live.load(Ordering::SeqCst) {
+                // Reset while the request ran: the ring belongs to the old driver instance.
+                return QueueProgress::Idle;
+            }
+            if let Err(e) = queue.add_used(&active.mem, head, len) {
+                // The used ring is not writable (unmapped by the guest, say): nothing more
+                // can be completed until the driver fixes it or resets the device.
+                guest_debug!("virtio-blk: cannot return request {head} to the used ring: {e}");
+                return QueueProgress::Idle;
+            }
+            // Signalled per request: a slow request after this one does not delay it.
+            // Without EVENT_IDX this honours VRING_AVAIL_F_NO_INTERRUPT only.
+            match queue.needs_notification(&active.mem) {
                 Ok(false) => {}
                 Ok(true) => active.interrupt.signal_used_queue(),
                 Err(e) => {
-                    debug!("virtio-blk: cannot read used_event ({e}); notifying anyway");
+                    guest_debug!("virtio-blk: cannot read used_event ({e}); notifying anyway");
                     active.interrupt.signal_used_queue();
                 }
             }
         }
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
+        QueueProgress::More
     }
 }
 
@@ -407,7 +545,7 @@ fn begin_request(mem: &DeviceMemory) -> RequestGuard<'_> {
 /// Handles one descriptor chain; returns the used length (bytes written to the chain's
 /// device-writable buffers, status byte included).
 fn process_request(
-    disk: &mut Disk,
+    disk: &Disk,
     stats: &mut BlockStats,
     mem: &DeviceMemory,
     chain: impl Iterator<Item = Descriptor>,
@@ -430,24 +568,21 @@ fn process_request(
         // descriptor that still has NEXT: its status byte is nowhere to be found.
         Some(d) if d.is_write_only() && d.len() >= 1 && !d.has_next() => d,
         _ => {
-            debug!("virtio-blk: request without a writable status descriptor; returned unanswered");
+            guest_debug!(
+                "virtio-blk: request without a writable status descriptor; returned unanswered"
+            );
             stats.errors += 1;
             return 0;
         }
     };
 
     let result = if count > MAX_DESCRIPTORS {
-        Err(malformed(format!(
-            "{count} descriptors, more than {MAX_DESCRIPTORS}"
-        )))
+        Err(RequestError::TooManyDescriptors(count))
     } else if status_desc.len() > 1 {
         // The status is the last byte of the request (§5.2.6): a longer descriptor means the
         // driver merged data and status, a layout not supported here. Fail rather than let
         // it read data that was never written.
-        Err(malformed(format!(
-            "status descriptor of {} bytes (data and status merged?)",
-            status_desc.len()
-        )))
+        Err(RequestError::LongStatus(status_desc.len()))
     } else {
         execute(disk, stats, mem, &descs[..descs.len() - 1])
     };
@@ -457,11 +592,8 @@ fn process_request(
         Err(e) => {
             stats.errors += 1;
             match e {
-                RequestError::Malformed(msg) => debug!("virtio-blk: malformed request: {msg}"),
-                RequestError::GuestMemory(e) => {
-                    debug!("virtio-blk: request buffer not accessible: {e}")
-                }
-                RequestError::Host(e) => warn!("virtio-blk: image I/O failed: {e}"),
+                RequestError::Host(_) => guest_warn!("virtio-blk: {e}"),
+                _ => guest_debug!("virtio-blk: request failed: {e}"),
             }
             (VIRTIO_BLK_S_IOERR, 0)
         }
@@ -473,7 +605,7 @@ fn process_request(
         .ok_or(GuestMemoryError::GuestAddressOverflow)
         .and_then(|addr| mem.write_slice(&[status], addr));
     if let Err(e) = written {
-        debug!("virtio-blk: cannot write the status byte: {e}");
+        guest_debug!("virtio-blk: cannot write the status byte: {e}");
         if status != VIRTIO_BLK_S_IOERR {
             stats.errors += 1;
         }
@@ -485,22 +617,19 @@ fn process_request(
 /// Runs one request given its header and data descriptors (the status descriptor removed).
 /// Returns the bytes written to guest buffers, or `None` for an unsupported request type.
 fn execute(
-    disk: &mut Disk,
+    disk: &Disk,
     stats: &mut BlockStats,
     mem: &DeviceMemory,
     descs: &[Descriptor],
 ) -> Result<Option<u32>, RequestError> {
     let Some((header, data)) = descs.split_first() else {
-        return Err(malformed("no header descriptor"));
+        return Err(RequestError::NoHeader);
     };
     if header.is_write_only() {
-        return Err(malformed("header in a device-writable descriptor"));
+        return Err(RequestError::WritableHeader);
     }
     if (header.len() as usize) < REQUEST_HEADER_SIZE {
-        return Err(malformed(format!(
-            "header descriptor of {} bytes",
-            header.len()
-        )));
+        return Err(RequestError::ShortHeader(header.len()));
     }
     let mut raw = [0u8; REQUEST_HEADER_SIZE];
     mem.read_slice(&mut raw, header.addr())?;
@@ -519,7 +648,7 @@ fn execute(
         VIRTIO_BLK_T_OUT => {
             stats.writes += 1;
             if disk.read_only {
-                return Err(malformed("write to a read-only disk"));
+                return Err(RequestError::ReadOnly);
             }
             let len = transfer(disk, mem, sector, data, Direction::Write)?;
             stats.bytes_written += len;
@@ -527,7 +656,7 @@ fn execute(
         }
         VIRTIO_BLK_T_FLUSH => {
             stats.flushes += 1;
-            disk.file.sync_data().map_err(RequestError::Host)?;
+            disk.backend.flush().map_err(RequestError::Host)?;
             Ok(Some(0))
         }
         VIRTIO_BLK_T_GET_ID => {
@@ -536,7 +665,7 @@ fn execute(
         }
         other => {
             stats.unsupported += 1;
-            debug!("virtio-blk: unsupported request type {other}");
+            guest_debug!("virtio-blk: unsupported request type {other}");
             Ok(None)
         }
     }
@@ -551,11 +680,11 @@ enum Direction {
 }
 
 /// Moves the data of a read or write between the image at `sector` and the guest buffers in
-/// `data`. Every buffer is checked (direction, size, reachable with the right permission)
-/// before the image is touched, so a bad buffer fails the request without a partial write.
-/// Returns the number of bytes moved.
+/// `data`. Every buffer is checked (direction, size) and translated into a slice of guest
+/// memory before the image is touched, so a bad buffer fails the request without a partial
+/// write, and no translation lock is held during the I/O. Returns the number of bytes moved.
 fn transfer(
-    disk: &mut Disk,
+    disk: &Disk,
     mem: &DeviceMemory,
     sector: u64,
     data: &[Descriptor],
@@ -568,52 +697,47 @@ fn transfer(
     let mut total: u64 = 0;
     for desc in data {
         if desc.is_write_only() != writable {
-            return Err(malformed("data descriptor with the wrong direction"));
+            return Err(RequestError::WrongDirection);
         }
+        if desc.len() > SIZE_MAX {
+            return Err(RequestError::SegmentTooLarge(desc.len()));
+        }
+        // At most SEG_MAX segments (checked by the caller) of at most SIZE_MAX bytes.
         total += u64::from(desc.len());
-        if total > MAX_REQUEST_BYTES {
-            return Err(malformed(format!(
-                "more than {MAX_REQUEST_BYTES} bytes of data"
-            )));
-        }
-        if desc.len() > 0 && !mem.check_range(desc.addr(), desc.len() as usize, access) {
-            return Err(RequestError::GuestMemory(
-                GuestMemoryError::InvalidGuestAddress(desc.addr()),
-            ));
-        }
     }
     if !total.is_multiple_of(SECTOR_SIZE) {
-        return Err(malformed(format!(
-            "data length {total} is not a multiple of {SECTOR_SIZE}"
-        )));
+        return Err(RequestError::PartialSector(total));
     }
-    let offset = sector
+    let out_of_range = || RequestError::OutOfRange {
+        sector,
+        count: total / SECTOR_SIZE,
+        capacity: disk.capacity,
+    };
+    let mut offset = sector
         .checked_mul(SECTOR_SIZE)
         .filter(|&o| {
             o.checked_add(total)
                 .is_some_and(|end| end <= disk.capacity * SECTOR_SIZE)
         })
-        .ok_or_else(|| {
-            malformed(format!(
-                "sectors {sector}+{} past the end ({} sectors)",
-                total / SECTOR_SIZE,
-                disk.capacity
-            ))
-        })?;
+        .ok_or_else(out_of_range)?;
 
-    disk.file
-        .seek(SeekFrom::Start(offset))
-        .map_err(RequestError::Host)?;
+    // Translate everything first. The slices point into guest RAM and stay valid without the
+    // translation: dropping each `get_slices` iterator releases the endpoint's IOTLB lock,
+    // and the request guard (held by the caller) keeps an UNMAP of these buffers from
+    // completing until the I/O below is done.
+    let mut slices: Vec<VolatileSlice<'_>> = Vec::with_capacity(data.len());
     for desc in data.iter().filter(|d| d.len() > 0) {
-        // Translated again here: the check above only avoids touching the image for a request
-        // that cannot complete; this is the access that counts.
         for slice in mem.get_slices(desc.addr(), desc.len() as usize, access)? {
-            let mut slice = slice?;
-            match direction {
-                Direction::Read => disk.file.read_exact_volatile(&mut slice)?,
-                Direction::Write => disk.file.write_all_volatile(&slice)?,
-            }
+            slices.push(slice?);
         }
+    }
+    for slice in &mut slices {
+        match direction {
+            Direction::Read => disk.backend.read_at(offset, slice),
+            Direction::Write => disk.backend.write_at(offset, slice),
+        }
+        .map_err(RequestError::Host)?;
+        offset += slice.len() as u64;
     }
     Ok(total)
 }
@@ -623,7 +747,7 @@ fn get_id(disk: &Disk, mem: &DeviceMemory, data: &[Descriptor]) -> Result<u32, R
     let mut written = 0usize;
     for desc in data {
         if !desc.is_write_only() {
-            return Err(malformed("GET_ID data in a device-readable descriptor"));
+            return Err(RequestError::ReadableIdBuffer);
         }
         let n = (desc.len() as usize).min(VIRTIO_BLK_ID_BYTES - written);
         if n == 0 {
@@ -637,7 +761,7 @@ fn get_id(disk: &Disk, mem: &DeviceMemory, data: &[Descriptor]) -> Result<u32, R
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
 
@@ -780,6 +904,7 @@ mod tests {
             VIRTIO_BLK_F_FLUSH,
             VIRTIO_BLK_F_RO,
             VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_SIZE_MAX,
             VIRTIO_BLK_F_BLK_SIZE,
         ] {
             assert_ne!(f & (1 << bit), 0, "bit {bit}");
@@ -791,8 +916,12 @@ mod tests {
         block.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
         let mut word = [0u8; 4];
+        block.read_config(8, &mut word);
+        assert_eq!(u32::from_le_bytes(word), SIZE_MAX, "size_max");
+        assert_eq!(SIZE_MAX, 128 << 10);
         block.read_config(12, &mut word);
-        assert_eq!(u32::from_le_bytes(word), SEG_MAX);
+        assert_eq!(u32::from_le_bytes(word), SEG_MAX, "seg_max");
+        assert_eq!(SEG_MAX, 128);
         block.read_config(20, &mut word);
         assert_eq!(u32::from_le_bytes(word), 512);
         // Past what we fill in, and absurd offsets: zeros.
@@ -926,7 +1055,7 @@ mod tests {
     fn long_id_is_cut_to_20_bytes() {
         let (file, _d) = disk(1);
         let block = Block::new(file, false, "a".repeat(30), false).unwrap();
-        assert_eq!(block.disk.id, [b'a'; 20]);
+        assert_eq!(block.data.disk.id, [b'a'; 20]);
     }
 
     #[test]
@@ -1123,7 +1252,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_completes_every_request_and_signals_once() {
+    fn batch_completes_every_request_and_signals_each() {
         let (file, _d) = disk(DISK_SECTORS);
         let mut block = Block::new(file, false, "d".into(), false).unwrap();
         let mem = guest_memory();
@@ -1161,13 +1290,14 @@ mod tests {
             statuses,
             [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR]
         );
-        assert_eq!(line.triggers(), 1);
+        // One interrupt per completion: a slow request never delays an earlier one's.
+        assert_eq!(line.triggers(), 3);
         let stats = block.stats();
         assert_eq!((stats.reads, stats.errors, stats.bytes_read), (3, 1, 1024));
 
         // Nothing new: no interrupt.
         block.process_queue(0);
-        assert_eq!(line.triggers(), 1);
+        assert_eq!(line.triggers(), 3);
     }
 
     #[test]
@@ -1267,7 +1397,7 @@ mod tests {
         let first: u8 = mem.read_obj(GuestAddress(DATA)).unwrap();
         assert_eq!(first, 7);
         assert!(iommu.stats().iotlb_lookups > 0);
-        assert_eq!(line.triggers(), 1);
+        assert_eq!(line.triggers(), 2);
     }
 
     #[test]
@@ -1285,5 +1415,234 @@ mod tests {
         block.process_queue(0);
         assert_eq!(vq.used().idx().load(), 0);
         assert_eq!(line.triggers(), 0);
+    }
+
+    /// A backend whose first read blocks until released (or `hold` passes), then fills the
+    /// buffer with 0x5a. Signals `started` when the read begins.
+    pub(crate) struct SlowDisk {
+        started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+        hold: std::time::Duration,
+    }
+
+    impl SlowDisk {
+        /// The backend, a receiver told when the read starts, a sender that ends it.
+        pub(crate) fn new(
+            hold: std::time::Duration,
+        ) -> (
+            SlowDisk,
+            std::sync::mpsc::Receiver<()>,
+            std::sync::mpsc::Sender<()>,
+        ) {
+            let (started_tx, started_rx) = std::sync::mpsc::channel();
+            let (release_tx, release_rx) = std::sync::mpsc::channel();
+            (
+                SlowDisk {
+                    started: Mutex::new(Some(started_tx)),
+                    release: Mutex::new(release_rx),
+                    hold,
+                },
+                started_rx,
+                release_tx,
+            )
+        }
+    }
+
+    impl DiskBackend for SlowDisk {
+        fn size(&self) -> io::Result<u64> {
+            Ok(1 << 20)
+        }
+        fn read_at(&self, _offset: u64, buf: &mut VolatileSlice<'_>) -> io::Result<()> {
+            if let Some(tx) = lock(&self.started).take() {
+                let _ = tx.send(());
+            }
+            let _ = lock(&self.release).recv_timeout(self.hold);
+            buf.write_slice(&vec![0x5a; buf.len()], 0)
+                .map_err(io::Error::other)
+        }
+        fn write_at(&self, _offset: u64, _buf: &VolatileSlice<'_>) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn w32(t: &mut crate::virtio::mmio::MmioTransport, offset: u64, value: u32) {
+        crate::bus::BusDevice::write(t, offset, &value.to_le_bytes());
+    }
+
+    fn r32(t: &mut crate::virtio::mmio::MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        crate::bus::BusDevice::read(t, offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Brings `t` to DRIVER_OK with one queue on `vq`, accepting `features_hi` (the upper 32
+    /// feature bits: 1 = VERSION_1, 2 = ACCESS_PLATFORM).
+    pub(crate) fn driver_ok(
+        t: &mut crate::virtio::mmio::MmioTransport,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        features_hi: u32,
+    ) {
+        use crate::virtio::mmio::*;
+        w32(t, VIRTIO_MMIO_STATUS, 1);
+        w32(t, VIRTIO_MMIO_STATUS, 3);
+        w32(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(t, VIRTIO_MMIO_DRIVER_FEATURES, features_hi);
+        w32(t, VIRTIO_MMIO_STATUS, 0xb);
+        w32(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w32(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(MOCK_QUEUE_SIZE));
+        for (reg, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, vq.desc_table_addr()),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, vq.avail_addr()),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, vq.used_addr()),
+        ] {
+            w32(t, reg, addr.0 as u32);
+            w32(t, reg + 4, (addr.0 >> 32) as u32);
+        }
+        w32(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w32(t, VIRTIO_MMIO_STATUS, 0xf);
+    }
+
+    #[test]
+    fn segment_over_size_max_or_too_many_segments_fail_with_ioerr() {
+        // A disk and memory big enough for the requests below: only the caps can fail them.
+        let (file, _d) = disk(4 * u64::from(SIZE_MAX) / SECTOR_SIZE);
+        let mut block = Block::new(file, false, "d".into(), false).unwrap();
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
+        activate(&mut block, &mem, &vq);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        // One segment just over size_max, then one of exactly size_max.
+        for (n, (len, expected)) in [
+            (SIZE_MAX + 512, VIRTIO_BLK_S_IOERR),
+            (SIZE_MAX, VIRTIO_BLK_S_OK),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            submit(
+                &vq,
+                3 * n as u16,
+                &[Buf::R(HEADER, 16), Buf::W(DATA, len), Buf::W(STATUS, 1)],
+            );
+            block.process_queue(0);
+            assert_eq!(status(&mem), expected, "segment of {len} bytes");
+        }
+        assert_eq!(block.stats().bytes_read, u64::from(SIZE_MAX));
+
+        // seg_max + 1 data segments (an indirect-free chain this long needs a big table).
+        let (file, _d) = disk(DISK_SECTORS);
+        let mut block = Block::new(file, false, "d".into(), false).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+        activate(&mut block, &mem, &vq);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut bufs = vec![Buf::R(HEADER, 16)];
+        bufs.extend((0..=SEG_MAX as u64).map(|i| Buf::W(DATA + 512 * (i % 8), 512)));
+        bufs.push(Buf::W(STATUS, 1));
+        submit(&vq, 0, &bufs);
+        block.process_queue(0);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+        assert_eq!(block.stats().bytes_read, 0);
+    }
+
+    #[test]
+    fn refusing_access_platform_fails_features_ok() {
+        let mem = guest_memory();
+        for (features_hi, accepted) in [(1, false), (3, true)] {
+            let (file, _d) = disk(1);
+            let block = Block::new(file, false, "d".into(), true).unwrap();
+            let mut t = crate::virtio::mmio::MmioTransport::new(
+                Arc::new(Mutex::new(block)),
+                device_memory(mem.clone(), None),
+                Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::new()))),
+            );
+            let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
+            driver_ok(&mut t, &vq, features_hi);
+            let st = r32(&mut t, crate::virtio::mmio::VIRTIO_MMIO_STATUS);
+            assert_eq!(
+                st & crate::virtio::mmio::DEVICE_FEATURES_OK != 0,
+                accepted,
+                "features {features_hi:#x}: status {st:#x}"
+            );
+            assert_eq!(t.is_activated(), accepted);
+        }
+    }
+
+    /// The old device held its mutex (and the transport's path to config space, Status and
+    /// reset) for a whole queue drain; with a backend stuck for 2 s these took 2 s.
+    #[test]
+    fn registers_and_reset_do_not_wait_for_a_stuck_read() {
+        use crate::virtio::mmio::*;
+        use std::time::{Duration, Instant};
+        const QUICK: Duration = Duration::from_millis(200);
+
+        let (slow, started, release) = SlowDisk::new(Duration::from_secs(2));
+        let block = Block::with_backend(Box::new(slow), false, "slow".into(), false).unwrap();
+        let block = Arc::new(Mutex::new(block));
+        let mem = guest_memory();
+        let line = Arc::new(CountingLine::new());
+        let mut t = MmioTransport::new(
+            block.clone(),
+            device_memory(mem.clone(), None),
+            Arc::new(VirtioInterrupt::new(line.clone())),
+        );
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), MOCK_QUEUE_SIZE);
+        driver_ok(&mut t, &vq, 1);
+        assert!(t.is_activated());
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        submit(
+            &vq,
+            0,
+            &[Buf::R(HEADER, 16), Buf::W(DATA, 512), Buf::W(STATUS, 1)],
+        );
+        let handler = lock(&block).queue_handler();
+        let worker = std::thread::spawn(move || handler.process_queue(0));
+        started
+            .recv_timeout(Duration::from_secs(5))
+            .expect("read started");
+
+        let t0 = Instant::now();
+        let mut capacity = [0u8; 8];
+        crate::bus::BusDevice::read(&mut t, VIRTIO_MMIO_CONFIG, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 2048);
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_STATUS), 0xf);
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        w32(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert!(t0.elapsed() < QUICK, "registers took {:?}", t0.elapsed());
+
+        // Reset while the read is stuck: immediate, and the request is never completed
+        // into the old ring.
+        let t0 = Instant::now();
+        w32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert!(t0.elapsed() < QUICK, "reset took {:?}", t0.elapsed());
+        assert_eq!(r32(&mut t, VIRTIO_MMIO_STATUS), 0);
+        release.send(()).unwrap();
+        assert_eq!(worker.join().unwrap(), QueueProgress::Idle);
+        assert_eq!(vq.used().idx().load(), 0, "completion after reset dropped");
+        assert_eq!(line.triggers(), 0);
+    }
+
+    #[test]
+    fn work_per_call_is_bounded() {
+        let (file, _d) = disk(DISK_SECTORS);
+        let mut block = Block::new(file, false, "d".into(), false).unwrap();
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+        let line = activate(&mut block, &mem, &vq);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let n = REQUESTS_PER_KICK as u16 + 4;
+        for i in 0..n {
+            submit(&vq, 2 * i, &[Buf::R(HEADER, 16), Buf::W(STATUS, 1)]);
+        }
+        let handler = block.queue_handler();
+        assert_eq!(handler.process_queue(0), QueueProgress::More);
+        assert_eq!(block.stats().flushes, REQUESTS_PER_KICK as u64);
+        assert_eq!(line.triggers(), REQUESTS_PER_KICK as u64);
+        assert_eq!(handler.process_queue(0), QueueProgress::Idle);
+        assert_eq!(block.stats().flushes, u64::from(n));
     }
 }

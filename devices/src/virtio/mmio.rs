@@ -10,13 +10,20 @@
 //!
 //! - Put the transport on the MMIO bus at `base`, length [`VIRTIO_MMIO_WINDOW_SIZE`].
 //! - For each queue `i` in `0..transport.queue_count()`, register a KVM ioeventfd at
-//!   `base + VIRTIO_MMIO_QUEUE_NOTIFY`, 4 bytes, datamatch `i as u32`, and run
-//!   `transport.device().lock().process_queue(i)` when it fires. Notifications then never
-//!   leave the kernel on the vCPU side. A QueueNotify write that does reach the transport (no
-//!   ioeventfd) is handled the same way, synchronously on the vCPU thread.
+//!   `base + VIRTIO_MMIO_QUEUE_NOTIFY`, 4 bytes, datamatch `i as u32`, and have a worker run
+//!   the device's [`QueueHandler`](super::QueueHandler) (`device.queue_handler()`) when it
+//!   fires; hand the eventfds to [`MmioTransport::set_queue_notifiers`]. Notifications then
+//!   never leave the kernel on the vCPU side, and a QueueNotify write that does reach the
+//!   transport just signals the eventfd. Without notifiers (tests) such a write processes the
+//!   queue on the calling thread.
 //! - The device's interrupt is a [`VirtioInterrupt`] over an irqfd; the transport shares it to
-//!   serve InterruptStatus / InterruptACK, so the guest's interrupt handler never waits for the
-//!   device lock.
+//!   serve InterruptStatus / InterruptACK.
+//!
+//! The worker never holds the device's mutex (the data plane has its own, per-request
+//! locking), so the register accesses that take it (config space, FEATURES_OK, DRIVER_OK,
+//! reset) never wait for a request's I/O, and neither do the ISR accesses queued behind them
+//! on the bus. (virtio-iommu's `bypass` write and reset do wait for in-flight endpoint
+//! requests; see `virtio::iommu::device`.)
 //!
 //! Queue addresses written by the driver are I/O virtual addresses when the device sits behind
 //! the IOMMU. The transport does not interpret them; the device checks them against its
@@ -29,17 +36,21 @@
 //! The device-specific configuration space at [`VIRTIO_MMIO_CONFIG`] and above takes any width.
 //! Nothing the guest writes can panic the transport.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
+use log::warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     ActivateError, DeviceMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
 use crate::bus::BusDevice;
+use crate::sync::lock;
+// Guest-triggerable lines: `debug!` is the rate-limited `guest_debug!`.
+use crate::{guest_debug as debug, guest_warn};
 
 /// Size of a virtio-mmio window (registers plus configuration space).
 pub const VIRTIO_MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -146,6 +157,8 @@ pub struct MmioTransport {
     status: u32,
     activated: bool,
     config_generation: u32,
+    /// The worker's QueueNotify eventfds, one per queue, if a worker serves the device.
+    notifiers: Vec<Arc<EventFd>>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -205,7 +218,15 @@ impl MmioTransport {
             status: 0,
             activated: false,
             config_generation: 0,
+            notifiers: Vec::new(),
         }
+    }
+
+    /// The eventfds a worker waits on, one per queue in queue order (the ones registered as
+    /// ioeventfds). A QueueNotify write that reaches the transport signals them instead of
+    /// processing the queue on the vCPU thread.
+    pub fn set_queue_notifiers(&mut self, notifiers: Vec<Arc<EventFd>>) {
+        self.notifiers = notifiers;
     }
 
     /// Number of queues the device has (one ioeventfd each).
@@ -394,9 +415,16 @@ impl MmioTransport {
             );
             return;
         }
-        // Normally an ioeventfd catches this write in KVM; without one, process the queue on
-        // the vCPU thread so the device still works.
-        lock(&self.device).process_queue(index);
+        // Normally an ioeventfd catches this write in KVM. Otherwise kick the worker; without
+        // one, process the queue here (without the device lock, like a worker).
+        if let Some(fd) = self.notifiers.get(index) {
+            if let Err(e) = fd.write(1) {
+                guest_warn!("virtio-mmio: cannot kick queue {index}: {e}");
+            }
+            return;
+        }
+        let handler = lock(&self.device).queue_handler();
+        while handler.process_queue(index) == super::QueueProgress::More {}
     }
 
     /// The device status state machine (§3.1.1). The driver sets bits one step at a time;
@@ -441,8 +469,9 @@ impl MmioTransport {
         if new_bits & DEVICE_FEATURES_OK != 0 {
             if status & DEVICE_DRIVER == 0 {
                 debug!("virtio-mmio: FEATURES_OK set before DRIVER; ignored");
-            } else if self.features_acceptable() {
-                lock(&self.device).ack_features(self.driver_features);
+            } else if self.features_acceptable()
+                && lock(&self.device).ack_features(self.driver_features)
+            {
                 status |= DEVICE_FEATURES_OK;
             }
             // On refusal FEATURES_OK stays clear: the driver reads it back and gives up.
@@ -499,7 +528,7 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                warn!(
+                guest_warn!(
                     "virtio-mmio: device type {} failed to activate: {e}",
                     self.device_type
                 );
@@ -577,15 +606,6 @@ fn valid_queue_size(max: u16) -> u16 {
     }
 }
 
-/// Locks the device, recovering from poisoning (as the bus does): a device that panicked once
-/// must not take the VMM down on every later access.
-fn lock(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| {
-        warn!("virtio-mmio: device lock was poisoned by an earlier panic; using it anyway");
-        poisoned.into_inner()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,7 +628,16 @@ mod tests {
         activated_with: Option<Vec<QueueSetup>>,
         fail_activate: bool,
         resets: usize,
-        processed: Vec<usize>,
+        processed: Arc<Mutex<Vec<usize>>>,
+    }
+
+    struct FakeHandler(Arc<Mutex<Vec<usize>>>);
+
+    impl crate::virtio::QueueHandler for FakeHandler {
+        fn process_queue(&self, index: usize) -> crate::virtio::QueueProgress {
+            lock(&self.0).push(index);
+            crate::virtio::QueueProgress::Idle
+        }
     }
 
     impl VirtioDevice for FakeDevice {
@@ -621,8 +650,9 @@ mod tests {
         fn features(&self) -> u64 {
             FAKE_FEATURES
         }
-        fn ack_features(&mut self, features: u64) {
+        fn ack_features(&mut self, features: u64) -> bool {
             self.acked_features = Some(features);
+            true
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             for (i, b) in data.iter_mut().enumerate() {
@@ -650,7 +680,7 @@ mod tests {
             _interrupt: Arc<VirtioInterrupt>,
         ) -> Result<(), ActivateError> {
             if self.fail_activate {
-                return Err(ActivateError::Device("told to fail".into()));
+                return Err(ActivateError::InvalidQueue(0));
             }
             self.activated_with = Some(
                 queues
@@ -668,8 +698,8 @@ mod tests {
             );
             Ok(())
         }
-        fn process_queue(&mut self, index: usize) {
-            self.processed.push(index);
+        fn queue_handler(&self) -> Arc<dyn crate::virtio::QueueHandler> {
+            Arc::new(FakeHandler(self.processed.clone()))
         }
         fn reset(&mut self) {
             self.resets += 1;
@@ -1106,7 +1136,7 @@ mod tests {
         write32(&mut f.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
         write32(&mut f.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 2);
         write32(&mut f.transport, VIRTIO_MMIO_QUEUE_NOTIFY, u32::MAX);
-        assert_eq!(f.device.lock().unwrap().processed, vec![1]);
+        assert_eq!(*lock(&f.device.lock().unwrap().processed), vec![1]);
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //!   contents, nothing about the transport.
 //! - `mmio::MmioTransport`: the register file at the device's 4 KiB window. It negotiates
 //!   features, collects queue addresses, and on DRIVER_OK calls [`VirtioDevice::activate`].
+//! - [`QueueHandler`]: a device's data plane, from [`VirtioDevice::queue_handler`]. The VMM's
+//!   worker calls it without holding the device's control lock, so register accesses (config
+//!   space, Status, reset) never wait for a request's I/O.
 //! - The VMM: registers one ioeventfd per queue on the QueueNotify register (datamatch = queue
-//!   index) and a worker that calls [`VirtioDevice::process_queue`] when one fires; gives the
+//!   index) and a worker that calls [`QueueHandler::process_queue`] when one fires (and again,
+//!   after re-checking its other events, while it reports [`QueueProgress::More`]); gives the
 //!   device an irqfd-backed [`InterruptLine`] wrapped in a [`VirtioInterrupt`].
 //!
 //! Device memory is [`DeviceMemory`]: guest RAM seen through the IOMMU when the device sits
@@ -69,7 +73,7 @@ impl VirtioInterrupt {
     pub fn signal(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.line.trigger() {
-            log::warn!("virtio: cannot raise interrupt: {e}");
+            crate::guest_warn!("virtio: cannot raise interrupt: {e}");
         }
     }
 
@@ -108,9 +112,23 @@ pub enum ActivateError {
     /// A queue is not valid in guest memory.
     #[error("Queue {0} is not valid")]
     InvalidQueue(usize),
-    /// A device-specific failure.
-    #[error("Device activation failed: {0}")]
-    Device(String),
+}
+
+/// What one call of [`QueueHandler::process_queue`] left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueProgress {
+    /// Nothing left to do until the next notification.
+    Idle,
+    /// The per-call budget ran out with requests still queued: call again (after serving
+    /// other events).
+    More,
+}
+
+/// A device's data plane: processes its queues. Called from the VMM's worker thread with no
+/// device lock held; implementations lock their queue state per request, never across I/O.
+pub trait QueueHandler: Send + Sync {
+    /// Handles a notification on queue `index`: processes a bounded number of requests.
+    fn process_queue(&self, index: usize) -> QueueProgress;
 }
 
 /// A virtio device model driven by a transport.
@@ -122,8 +140,9 @@ pub trait VirtioDevice: Send {
     /// Feature bits the device offers.
     fn features(&self) -> u64;
     /// The features the driver accepted (a subset of [`VirtioDevice::features`]), at
-    /// FEATURES_OK.
-    fn ack_features(&mut self, features: u64);
+    /// FEATURES_OK. Returns `false` to refuse them: FEATURES_OK then stays clear and the
+    /// driver gives up on the device (virtio 1.2 §3.1.1).
+    fn ack_features(&mut self, features: u64) -> bool;
     /// Reads the device-specific configuration space; out-of-range bytes read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space; out-of-range writes are ignored.
@@ -135,9 +154,18 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
-    /// Handles a notification on queue `index` (its ioeventfd fired).
-    fn process_queue(&mut self, index: usize);
-    /// Returns the device to its pre-activation state (the driver wrote 0 to Status).
+    /// The device's data plane, for the VMM's worker. Handles share state with the device:
+    /// [`VirtioDevice::activate`] and [`VirtioDevice::reset`] take effect on them.
+    fn queue_handler(&self) -> Arc<dyn QueueHandler>;
+    /// Processes queue `index` until it is empty, on the calling thread (tests, and the
+    /// transport's fallback when no worker serves the device).
+    fn process_queue(&mut self, index: usize) {
+        let handler = self.queue_handler();
+        while handler.process_queue(index) == QueueProgress::More {}
+    }
+    /// Returns the device to its pre-activation state (the driver wrote 0 to Status). Must not
+    /// wait for a request's I/O: a request in flight finishes on its own, and its completion
+    /// is dropped (the ring it came from belongs to the old driver instance).
     fn reset(&mut self);
 }
 

@@ -23,16 +23,25 @@
 //! | body shorter or longer than the type's layout | INVAL |
 //! | PROBE whose property space is not exactly `probe_size` bytes | INVAL, no property written |
 //! | MAP or UNMAP without `VIRTIO_IOMMU_F_MAP_UNMAP` negotiated | UNSUPP |
+//! | PROBE without `VIRTIO_IOMMU_F_PROBE` negotiated | UNSUPP |
 //!
 //! Semantic errors get the statuses documented on [`MappingState`]'s operations. Linux ignores
 //! the status of MAP and UNMAP, so their failures are also logged at `warn!` (rate-limited).
+//!
+//! # Threads
+//!
+//! The request queue is served by the data plane ([`VirtioDevice::queue_handler`]) without
+//! the device's control lock: an UNMAP that waits for an endpoint's in-flight request blocks
+//! only the IOMMU's worker, not config-space reads. The queue itself is locked only to pop a
+//! chain and to return it. Writing `bypass` and device reset restrict every endpoint and do
+//! wait for in-flight endpoint requests, on the vCPU that asked.
+//! All guest-triggered log lines go through the shared rate limiter ([`crate::ratelimit`]).
 
 use std::collections::BTreeMap;
 use std::mem::size_of;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, Le16, Le64};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -41,10 +50,14 @@ use super::mapping::{
     Invalidation, MappingLimits, MappingState, ReqError, MSI_IOVA_END, MSI_IOVA_START,
 };
 use super::protocol::*;
-use super::{lock, EndpointIommu, RateLimitedWarn, Shared};
+use super::{EndpointIommu, Shared, Ticket};
+use crate::sync::lock;
 use crate::virtio::{
-    ActivateError, DeviceMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU,
+    ActivateError, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU,
 };
+// Every log line here is guest-triggerable: `debug!`/`warn!` are the rate-limited macros.
+use crate::{guest_debug as debug, guest_warn as warn};
 
 /// Index of the request queue.
 pub const REQUEST_QUEUE: usize = 0;
@@ -53,6 +66,8 @@ pub const EVENT_QUEUE: usize = 1;
 /// Queue sizes: a large request queue lets Linux batch MAP/UNMAP between kicks (brief E.1);
 /// the driver fills the event queue with one 24-byte buffer per slot.
 const QUEUE_SIZES: &[u16] = &[1024, 64];
+/// Requests (or event buffers) handled per [`QueueHandler::process_queue`] call.
+pub const REQUESTS_PER_KICK: usize = 64;
 
 /// Page sizes: 4 KiB granule, 2 MiB and 1 GiB as hints (brief F.1).
 pub const PAGE_SIZE_MASK: u64 = 0x1000 | 0x20_0000 | 0x4000_0000;
@@ -130,26 +145,46 @@ impl IommuStats {
 
 struct Active {
     mem: DeviceMemory,
-    queues: Vec<Queue>,
+    /// Locked to pop a chain and to return one, never while a request waits.
+    queues: Vec<Mutex<Queue>>,
     interrupt: Arc<VirtioInterrupt>,
+    /// Cleared by reset (under each queue's lock): later completions are dropped.
+    live: AtomicBool,
+    /// Requests done but not yet returned: they restricted translations that requests
+    /// still in flight may use. Locked after the request queue. At most a queue's worth.
+    deferred: Mutex<Vec<Deferred>>,
+}
+
+/// A completed request whose used buffer waits for endpoint requests (its tickets).
+struct Deferred {
+    head: u16,
+    len: u32,
+    tickets: Vec<Ticket>,
+}
+
+/// Everything the control path and the data plane share.
+struct Inner {
+    shared: Arc<Shared>,
+    /// Handles of registered endpoints, to invalidate their IOTLBs.
+    endpoints: Mutex<BTreeMap<u32, EndpointIommu>>,
+    acked_features: AtomicU64,
+    active: Mutex<Option<Arc<Active>>>,
+    requests: Mutex<[[u64; STATS_STATUSES]; STATS_TYPES]>,
 }
 
 /// The virtio-iommu device; see the [module docs](super).
 pub struct VirtioIommu {
-    shared: Arc<Shared>,
-    /// Handles of registered endpoints, to invalidate their IOTLBs.
-    endpoints: Mutex<BTreeMap<u32, EndpointIommu>>,
-    acked_features: u64,
-    active: Option<Active>,
-    requests: [[u64; STATS_STATUSES]; STATS_TYPES],
-    map_log: RateLimitedWarn,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for VirtioIommu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioIommu")
-            .field("acked_features", &self.acked_features)
-            .field("active", &self.active.is_some())
+            .field(
+                "acked_features",
+                &self.inner.acked_features.load(Ordering::Relaxed),
+            )
+            .field("active", &lock(&self.inner.active).is_some())
             .finish_non_exhaustive()
     }
 }
@@ -233,12 +268,13 @@ impl VirtioIommu {
     pub fn with_limits(limits: MappingLimits) -> Result<Self, VirtioIommuError> {
         let fault_evt = EventFd::new(EFD_NONBLOCK).map_err(VirtioIommuError::FaultEventFd)?;
         Ok(VirtioIommu {
-            shared: Arc::new(Shared::new(MappingState::new(limits), fault_evt)),
-            endpoints: Mutex::new(BTreeMap::new()),
-            acked_features: 0,
-            active: None,
-            requests: [[0; STATS_STATUSES]; STATS_TYPES],
-            map_log: RateLimitedWarn::default(),
+            inner: Arc::new(Inner {
+                shared: Arc::new(Shared::new(MappingState::new(limits), fault_evt)),
+                endpoints: Mutex::new(BTreeMap::new()),
+                acked_features: AtomicU64::new(0),
+                active: Mutex::new(None),
+                requests: Mutex::new([[0; STATS_STATUSES]; STATS_TYPES]),
+            }),
         })
     }
 
@@ -247,6 +283,31 @@ impl VirtioIommu {
     /// [`device_memory`](crate::virtio::device_memory). Calling it again with the same ID
     /// returns a handle to the same endpoint.
     pub fn endpoint(&self, id: u32) -> EndpointIommu {
+        self.inner.endpoint(id)
+    }
+
+    /// Written whenever an endpoint records a fault, and when the last endpoint request a
+    /// deferred UNMAP/DETACH/ATTACH waits for ends. The VMM's worker calls
+    /// `process_queue(EVENT_QUEUE)` when it is readable; that reads (resets) the eventfd,
+    /// returns the deferred requests that may now complete, and moves pending faults into
+    /// event-queue buffers.
+    pub fn fault_eventfd(&self) -> &EventFd {
+        &self.inner.shared.fault_evt
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> IommuStats {
+        self.inner.stats()
+    }
+
+    /// The configuration space as the driver sees it now.
+    pub fn config(&self) -> VirtioIommuConfig {
+        self.inner.config()
+    }
+}
+
+impl Inner {
+    fn endpoint(&self, id: u32) -> EndpointIommu {
         let mut registry = lock(&self.endpoints);
         if let Some(h) = registry.get(&id) {
             return h.clone();
@@ -257,15 +318,7 @@ impl VirtioIommu {
         h
     }
 
-    /// Written whenever an endpoint records a fault. The VMM's worker calls
-    /// `process_queue(EVENT_QUEUE)` when it is readable; that reads (resets) the eventfd and
-    /// moves pending faults into event-queue buffers.
-    pub fn fault_eventfd(&self) -> &EventFd {
-        &self.shared.fault_evt
-    }
-
-    /// A snapshot of the counters.
-    pub fn stats(&self) -> IommuStats {
+    fn stats(&self) -> IommuStats {
         let (lookups, fills) = lock(&self.endpoints).values().fold((0, 0), |(l, f), h| {
             (
                 l + h.inner.lookups.load(Ordering::Relaxed),
@@ -278,7 +331,7 @@ impl VirtioIommu {
         };
         let c = &self.shared.counters;
         IommuStats {
-            requests: self.requests,
+            requests: *lock(&self.requests),
             domains,
             mappings,
             iotlb_lookups: lookups,
@@ -289,8 +342,7 @@ impl VirtioIommu {
         }
     }
 
-    /// The configuration space as the driver sees it now.
-    pub fn config(&self) -> VirtioIommuConfig {
+    fn config(&self) -> VirtioIommuConfig {
         let s = lock(&self.shared.state);
         let l = s.limits();
         VirtioIommuConfig {
@@ -310,13 +362,16 @@ impl VirtioIommu {
     }
 
     fn negotiated(&self, feature: u32) -> bool {
-        self.acked_features & (1 << feature) != 0
+        self.acked_features.load(Ordering::SeqCst) & (1 << feature) != 0
     }
 
-    /// Runs `op` on the mapping state, drops the IOTLB entries it invalidated (state still
-    /// locked, so nothing refills them meanwhile), then, with every lock released, waits for
-    /// the affected endpoints' in-flight requests.
-    fn update<T>(&self, op: impl FnOnce(&mut MappingState) -> (T, Invalidation)) -> T {
+    /// Runs `op` on the mapping state and drops the IOTLB entries it invalidated (state still
+    /// locked, so nothing refills them meanwhile). Returns what the caller must wait for
+    /// before reporting completion: the affected endpoints' requests already in flight.
+    fn update<T>(
+        &self,
+        op: impl FnOnce(&mut MappingState) -> (T, Invalidation),
+    ) -> (T, Vec<Ticket>) {
         let (out, affected) = {
             let registry = lock(&self.endpoints);
             let mut state = lock(&self.shared.state);
@@ -331,23 +386,27 @@ impl VirtioIommu {
             }
             (out, affected)
         };
-        for h in &affected {
-            h.wait_for_requests();
+        (out, affected.iter().map(EndpointIommu::ticket).collect())
+    }
+
+    /// [`Inner::update`], then waits (blocking) for the affected endpoints' requests.
+    fn update_and_wait(&self, op: impl FnOnce(&mut MappingState) -> Invalidation) {
+        let ((), tickets) = self.update(|s| ((), op(s)));
+        for t in &tickets {
+            t.wait();
         }
-        out
     }
 
     fn set_bypass(&self, bypass: bool) {
-        self.update(|s| ((), s.set_bypass(bypass)));
+        self.update_and_wait(|s| s.set_bypass(bypass));
     }
 
-    fn count(&mut self, type_: Option<u8>, status: usize) {
+    fn count(&self, type_: Option<u8>, status: usize) {
         let row = type_
             .map(usize::from)
             .filter(|&t| t < STATS_TYPES)
             .unwrap_or(0);
-        if let Some(slot) = self
-            .requests
+        if let Some(slot) = lock(&self.requests)
             .get_mut(row)
             .and_then(|r| r.get_mut(status.min(STATS_NO_STATUS)))
         {
@@ -355,8 +414,14 @@ impl VirtioIommu {
         }
     }
 
-    /// Handles one request chain; returns the used length.
-    fn handle_request(&mut self, mem: &DeviceMemory, chain: DescriptorChain<&DeviceMemory>) -> u32 {
+    /// Handles one request chain; returns the used length. `tickets` gets what must finish
+    /// before the used buffer may be published.
+    fn handle_request(
+        &self,
+        mem: &DeviceMemory,
+        chain: DescriptorChain<&DeviceMemory>,
+        tickets: &mut Vec<Ticket>,
+    ) -> u32 {
         let ordered = readable_before_writable(chain.clone());
         let mut reader = Reader::new(mem, chain.clone())
             .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
@@ -387,10 +452,10 @@ impl VirtioIommu {
                 Reply::status(VIRTIO_IOMMU_S_DEVERR)
             }
             (true, Some(reader), Some(t)) => match t {
-                VIRTIO_IOMMU_T_ATTACH => self.attach(reader).into(),
-                VIRTIO_IOMMU_T_DETACH => self.detach(reader).into(),
+                VIRTIO_IOMMU_T_ATTACH => self.attach(reader, tickets).into(),
+                VIRTIO_IOMMU_T_DETACH => self.detach(reader, tickets).into(),
                 VIRTIO_IOMMU_T_MAP => self.map(reader).into(),
-                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader).into(),
+                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader, tickets).into(),
                 VIRTIO_IOMMU_T_PROBE => self.probe(reader, writable - TAIL_LEN),
                 _ => {
                     debug!("virtio-iommu: unknown request type {t}; returned unwritten");
@@ -405,9 +470,7 @@ impl VirtioIommu {
             let (name, status) = (type_name(t), reply.status);
             if t == VIRTIO_IOMMU_T_MAP || t == VIRTIO_IOMMU_T_UNMAP {
                 // Linux never looks at these statuses; make the failure visible here.
-                self.map_log.log(format_args!(
-                    "virtio-iommu: {name} request failed with status {status}"
-                ));
+                warn!("virtio-iommu: {name} request failed with status {status}");
             } else {
                 debug!("virtio-iommu: {name} request failed with status {status}");
             }
@@ -434,7 +497,7 @@ impl VirtioIommu {
         buf.len() as u32
     }
 
-    fn attach(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn attach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         let req: VirtioIommuReqAttach = read_body(reader)?;
         if req.reserved != [0; 4] {
             return Err(ReqError::Inval);
@@ -445,17 +508,21 @@ impl VirtioIommu {
             u32::from(req.flags),
         );
         debug!("virtio-iommu: ATTACH endpoint {endpoint} to domain {domain} flags {flags:#x}");
-        self.update(|s| split(s.attach(domain, endpoint, flags)))
+        let (r, t) = self.update(|s| split(s.attach(domain, endpoint, flags)));
+        tickets.extend(t);
+        r
     }
 
-    fn detach(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn detach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         let req: VirtioIommuReqDetach = read_body(reader)?;
         let (domain, endpoint) = (u32::from(req.domain), u32::from(req.endpoint));
         debug!("virtio-iommu: DETACH endpoint {endpoint} from domain {domain}");
-        self.update(|s| split(s.detach(domain, endpoint)))
+        let (r, t) = self.update(|s| split(s.detach(domain, endpoint)));
+        tickets.extend(t);
+        r
     }
 
-    fn map(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn map(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
@@ -471,7 +538,7 @@ impl VirtioIommu {
         lock(&self.shared.state).map(domain, start, end, phys, flags)
     }
 
-    fn unmap(&mut self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn unmap(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
@@ -486,13 +553,18 @@ impl VirtioIommu {
             u64::from(req.virt_start),
             u64::from(req.virt_end),
         );
-        self.update(|s| split(s.unmap(domain, start, end)))
+        let (r, t) = self.update(|s| split(s.unmap(domain, start, end)));
+        tickets.extend(t);
+        r
     }
 
     /// PROBE: one RESV_MEM/MSI property for the x86 MSI doorbell window, then zeros (type
     /// NONE). Without the MSI property Linux invents an ARM-style software MSI window at
     /// 0x800_0000 (brief A.6).
-    fn probe(&mut self, reader: &mut Reader<'_>, props_len: usize) -> Reply {
+    fn probe(&self, reader: &mut Reader<'_>, props_len: usize) -> Reply {
+        if !self.negotiated(VIRTIO_IOMMU_F_PROBE) {
+            return Reply::status(VIRTIO_IOMMU_S_UNSUPP);
+        }
         let req: VirtioIommuReqProbe = match read_body(reader) {
             Ok(r) => r,
             Err(e) => return Reply::status(e.status()),
@@ -527,30 +599,96 @@ impl VirtioIommu {
         }
     }
 
-    fn process_requests(&mut self, active: &mut Active) {
-        let mut completed = false;
-        while let Some(chain) = active.queues[REQUEST_QUEUE].pop_descriptor_chain(&active.mem) {
+    /// Serves up to [`REQUESTS_PER_KICK`] requests. A request that restricted translations
+    /// still in use by endpoint requests (UNMAP, DETACH, ATTACH during a slow disk read) is
+    /// applied at once but returned only when those requests finish
+    /// ([`Inner::complete_deferred`]); the requests behind it, for other endpoints, do not
+    /// wait (the driver matches completions by token; `VIRTIO_F_IN_ORDER` is not offered).
+    fn process_requests(&self, active: &Active) -> QueueProgress {
+        let queue = &active.queues[REQUEST_QUEUE];
+        let progress = self.process_requests_budget(active, queue);
+        self.complete_deferred(active);
+        progress
+    }
+
+    fn process_requests_budget(&self, active: &Active, queue: &Mutex<Queue>) -> QueueProgress {
+        for _ in 0..REQUESTS_PER_KICK {
+            let chain = {
+                let mut q = lock(queue);
+                if !active.live.load(Ordering::SeqCst) {
+                    return QueueProgress::Idle;
+                }
+                q.pop_descriptor_chain(&active.mem)
+            };
+            let Some(chain) = chain else {
+                return QueueProgress::Idle;
+            };
             let head = chain.head_index();
-            // Invalidations and the wait for in-flight endpoint requests happen inside, so the
-            // used buffer is published only after the old translations are gone.
-            let len = self.handle_request(&active.mem, chain);
-            if let Err(e) = active.queues[REQUEST_QUEUE].add_used(&active.mem, head, len) {
+            // Invalidations happen inside; the used buffer is published only once no request
+            // can still use the old translations.
+            let mut tickets = Vec::new();
+            let len = self.handle_request(&active.mem, chain, &mut tickets);
+            tickets.retain(|t| !t.done());
+            let mut q = lock(queue);
+            if !active.live.load(Ordering::SeqCst) {
+                return QueueProgress::Idle;
+            }
+            if !tickets.is_empty() {
+                lock(&active.deferred).push(Deferred { head, len, tickets });
+                continue;
+            }
+            if let Err(e) = q.add_used(&active.mem, head, len) {
                 warn!("virtio-iommu: cannot return request {head}: {e}");
+                return QueueProgress::Idle;
+            }
+            Self::notify(&mut q, active, REQUEST_QUEUE);
+        }
+        QueueProgress::More
+    }
+
+    /// Returns the deferred requests whose tickets are done. Called by the worker after each
+    /// batch and whenever the last waited-for endpoint request of an epoch ends (it writes
+    /// the fault eventfd, the worker's `EVENT_QUEUE` notifier).
+    fn complete_deferred(&self, active: &Active) {
+        let mut q = lock(&active.queues[REQUEST_QUEUE]);
+        if !active.live.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut deferred = lock(&active.deferred);
+        let mut completed = false;
+        let mut i = 0;
+        while i < deferred.len() {
+            if !deferred[i].tickets.iter().all(Ticket::done) {
+                i += 1;
+                continue;
+            }
+            let d = deferred.remove(i);
+            if let Err(e) = q.add_used(&active.mem, d.head, d.len) {
+                warn!("virtio-iommu: cannot return request {}: {e}", d.head);
+                continue;
             }
             completed = true;
         }
+        drop(deferred);
         if completed {
-            Self::notify(active, REQUEST_QUEUE);
+            Self::notify(&mut q, active, REQUEST_QUEUE);
         }
     }
 
-    fn process_events(&mut self, active: &mut Active) {
+    fn process_events(&self, active: &Active) -> QueueProgress {
+        let mut q = lock(&active.queues[EVENT_QUEUE]);
+        if !active.live.load(Ordering::SeqCst) {
+            return QueueProgress::Idle;
+        }
         let mut completed = false;
-        loop {
+        let mut progress = QueueProgress::More;
+        for _ in 0..REQUESTS_PER_KICK {
             let Some(fault) = lock(&self.shared.pending_faults).front().copied() else {
+                progress = QueueProgress::Idle;
                 break;
             };
-            let Some(chain) = active.queues[EVENT_QUEUE].pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+                progress = QueueProgress::Idle;
                 break;
             };
             let head = chain.head_index();
@@ -577,23 +715,50 @@ impl VirtioIommu {
             } else {
                 0
             };
-            if let Err(e) = active.queues[EVENT_QUEUE].add_used(&active.mem, head, len) {
+            if let Err(e) = q.add_used(&active.mem, head, len) {
                 warn!("virtio-iommu: cannot return event buffer {head}: {e}");
+                progress = QueueProgress::Idle;
+                break;
             }
             completed = true;
         }
         if completed {
-            Self::notify(active, EVENT_QUEUE);
+            Self::notify(&mut q, active, EVENT_QUEUE);
         }
+        progress
     }
 
-    fn notify(active: &mut Active, index: usize) {
-        match active.queues[index].needs_notification(&active.mem) {
+    fn notify(queue: &mut Queue, active: &Active, index: usize) {
+        match queue.needs_notification(&active.mem) {
             Ok(false) => {}
             Ok(true) => active.interrupt.signal_used_queue(),
             Err(e) => {
                 debug!("virtio-iommu: queue {index}: cannot check notification suppression: {e}");
                 active.interrupt.signal_used_queue();
+            }
+        }
+    }
+}
+
+impl QueueHandler for Inner {
+    fn process_queue(&self, index: usize) -> QueueProgress {
+        if index == EVENT_QUEUE {
+            // Reset the eventfd first, so a fault recorded from now on wakes the worker again.
+            let _ = self.shared.fault_evt.read();
+        }
+        let Some(active) = lock(&self.active).clone() else {
+            debug!("virtio-iommu: queue {index} notified before activation");
+            return QueueProgress::Idle;
+        };
+        match index {
+            REQUEST_QUEUE => self.process_requests(&active),
+            EVENT_QUEUE => {
+                self.complete_deferred(&active);
+                self.process_events(&active)
+            }
+            _ => {
+                debug!("virtio-iommu: notification for unknown queue {index}");
+                QueueProgress::Idle
             }
         }
     }
@@ -612,16 +777,20 @@ impl VirtioDevice for VirtioIommu {
         AVAIL_FEATURES
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & AVAIL_FEATURES;
-        lock(&self.shared.state).set_negotiated(
-            self.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG),
-            self.negotiated(VIRTIO_IOMMU_F_PROBE),
+    fn ack_features(&mut self, features: u64) -> bool {
+        let inner = &self.inner;
+        inner
+            .acked_features
+            .store(features & AVAIL_FEATURES, Ordering::SeqCst);
+        lock(&inner.shared.state).set_negotiated(
+            inner.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG),
+            inner.negotiated(VIRTIO_IOMMU_F_PROBE),
         );
+        true
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
+        let config = self.inner.config();
         let bytes = config.as_slice();
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset
@@ -641,13 +810,13 @@ impl VirtioDevice for VirtioIommu {
                 debug!("virtio-iommu: write to read-only config byte {at:?} ignored");
                 continue;
             }
-            if !self.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
+            if !self.inner.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
                 debug!("virtio-iommu: bypass written without BYPASS_CONFIG; ignored");
             } else if b > 1 {
                 debug!("virtio-iommu: invalid bypass value {b} ignored");
             } else {
                 debug!("virtio-iommu: bypass set to {b}");
-                self.set_bypass(b == 1);
+                self.inner.set_bypass(b == 1);
             }
         }
     }
@@ -669,35 +838,31 @@ impl VirtioDevice for VirtioIommu {
                 return Err(ActivateError::InvalidQueue(i));
             }
         }
-        self.active = Some(Active {
+        *lock(&self.inner.active) = Some(Arc::new(Active {
             mem,
-            queues,
+            queues: queues.into_iter().map(Mutex::new).collect(),
             interrupt,
-        });
+            live: AtomicBool::new(true),
+            deferred: Mutex::new(Vec::new()),
+        }));
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
-        if index == EVENT_QUEUE {
-            // Reset the eventfd first, so a fault recorded from now on wakes the worker again.
-            let _ = self.shared.fault_evt.read();
-        }
-        let Some(mut active) = self.active.take() else {
-            debug!("virtio-iommu: queue {index} notified before activation");
-            return;
-        };
-        match index {
-            REQUEST_QUEUE => self.process_requests(&mut active),
-            EVENT_QUEUE => self.process_events(&mut active),
-            _ => debug!("virtio-iommu: notification for unknown queue {index}"),
-        }
-        self.active = Some(active);
+    fn queue_handler(&self) -> Arc<dyn QueueHandler> {
+        self.inner.clone()
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-        self.update(|s| ((), s.reset()));
-        lock(&self.shared.pending_faults).clear();
+        let inner = &self.inner;
+        if let Some(active) = lock(&inner.active).take() {
+            for q in &active.queues {
+                // Waits at most for a pop or a used-ring update.
+                let _q = lock(q);
+                active.live.store(false, Ordering::SeqCst);
+            }
+        }
+        inner.acked_features.store(0, Ordering::SeqCst);
+        inner.update_and_wait(MappingState::reset);
+        lock(&inner.shared.pending_faults).clear();
     }
 }

@@ -196,6 +196,14 @@ pub const IDENTITY: IotlbEntry = IotlbEntry {
     perm: Permissions::ReadWrite,
 };
 
+/// The MSI doorbell window, identity-mapped for attached endpoints once PROBE reports it.
+pub const MSI_IDENTITY: IotlbEntry = IotlbEntry {
+    iova: MSI_IOVA_START,
+    phys: MSI_IOVA_START,
+    len: MSI_IOVA_END - MSI_IOVA_START + 1,
+    perm: Permissions::ReadWrite,
+};
+
 /// Domains, endpoint attachments and the bypass switch; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct MappingState {
@@ -567,6 +575,16 @@ impl MappingState {
         let mut entries = Vec::new();
         let mut cursor = iova;
         loop {
+            if self.reserve_msi && (MSI_IOVA_START..=MSI_IOVA_END).contains(&cursor) {
+                // PROBE reported this window as RESV_MEM/MSI: "translated 1:1" (virtio 1.2
+                // §5.13.6.8.2.1), whatever the domain maps (MAP refuses to overlap it).
+                entries.push(MSI_IDENTITY);
+                if MSI_IOVA_END >= last {
+                    return Ok(entries);
+                }
+                cursor = MSI_IOVA_END + 1;
+                continue;
+            }
             let Some((&start, m)) = domain
                 .mappings
                 .range(..=cursor)
@@ -864,6 +882,33 @@ mod tests {
     fn map_accepts_write_only() {
         let mut s = attached();
         s.map(10, 0, PAGE - 1, 0, VIRTIO_IOMMU_MAP_F_WRITE).unwrap();
+        let ep = 1;
+        let entries = s.translate(ep, 0, 8, Permissions::Write).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].perm, Permissions::Write);
+        let fault = s.translate(ep, 0, 8, Permissions::Read).unwrap_err();
+        assert_eq!(fault.reason, VIRTIO_IOMMU_FAULT_R_MAPPING);
+        assert_ne!(fault.flags & VIRTIO_IOMMU_FAULT_F_READ, 0);
+    }
+
+    #[test]
+    fn msi_window_is_identity_for_attached_endpoints_once_reported() {
+        let mut s = attached();
+        let ep = 1;
+        // Without PROBE negotiated the window is not reserved: unmapped, so it faults.
+        s.set_negotiated(true, false);
+        assert!(s
+            .translate(ep, MSI_IOVA_START, 4, Permissions::Write)
+            .is_err());
+        s.set_negotiated(true, true);
+        let entries = s
+            .translate(ep, MSI_IOVA_START + 0x40, 4, Permissions::Write)
+            .unwrap();
+        assert_eq!(entries, vec![MSI_IDENTITY]);
+        // An access running past the window needs a mapping for the rest.
+        assert!(s
+            .translate(ep, MSI_IOVA_END - 1, 4, Permissions::Write)
+            .is_err());
     }
 
     #[test]

@@ -28,9 +28,11 @@
 //! MAP needs no invalidation: a miss refills. UNMAP, DETACH, ATTACH (moving an endpoint out
 //! of bypass or out of another domain), clearing `bypass`, and device reset all restrict
 //! translations: the device drops the affected IOTLB entries while it still holds the state
-//! mutex (so no endpoint can refill a stale entry), releases the mutex, and then waits for the
-//! affected endpoints' in-flight requests (below) before it publishes the request's used
-//! buffer.
+//! mutex (so no endpoint can refill a stale entry), releases the mutex, and takes a ticket on
+//! each affected endpoint's in-flight requests (below). The request's used buffer is
+//! published only when those requests have finished: at once if there are none, else later
+//! (the last of them wakes the worker through the fault eventfd), while the requests queued
+//! behind it are served meanwhile. Writing `bypass` and device reset wait on the spot.
 //!
 //! # Request-guard contract for device models
 //!
@@ -47,9 +49,10 @@
 //! 3. Not hold the guard while blocking on something that can wait for the IOMMU (the guest,
 //!    another device, an unbounded I/O wait): UNMAP/DETACH wait for every guard of the
 //!    endpoints they affect, and the guest vCPU waiting for the UNMAP spins with interrupts
-//!    off. Take one guard at a time per endpoint (never nest `begin_request`), and do not
-//!    keep an `IotlbIterator` (a `get_slices` iterator) alive across another access to the
-//!    same memory.
+//!    off. Take one guard at a time per endpoint (never nest `begin_request`).
+//! 4. Not keep an `IotlbIterator` (a `get_slices` iterator) alive across I/O or another
+//!    access: it holds the endpoint's IOTLB read lock, which invalidation (under the mapping
+//!    state mutex) needs. Collect the slices first, drop the iterator, then do the I/O.
 //!
 //! A device model that ignores the guard still gets translated and permission-checked
 //! accesses; it only loses the guarantee that a translation fetched before an UNMAP is not
@@ -59,15 +62,14 @@
 //!
 //! endpoint registry (`VirtioIommu`) → mapping state → an endpoint's IOTLB → fault queue.
 //! A device thread takes its request guard first, then (on a miss) the mapping state and its
-//! IOTLB, never holding the IOTLB while waiting for the state. The IOMMU waits for request
-//! guards only after releasing the registry and the state.
+//! IOTLB, never holding the IOTLB while waiting for the state, and never across I/O. The
+//! IOMMU waits for request guards (an explicit in-flight count per endpoint and a condvar,
+//! not a lock) only after releasing the registry and the state.
 
-use std::collections::VecDeque;
-use std::fmt;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 
-use log::{debug, warn};
 use vm_memory::iommu::{Error as IommuError, Iommu, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iotlb, Le32, Le64, Permissions};
 use vmm_sys_util::eventfd::EventFd;
@@ -83,6 +85,8 @@ pub use device::{IommuStats, VirtioIommu, VirtioIommuError};
 pub use mapping::{MappingLimits, MappingState};
 pub use protocol::VirtioIommuFault;
 
+use crate::guest_warn;
+use crate::sync::{lock, read, write};
 use mapping::{Fault, IotlbEntry, IDENTITY};
 
 /// Pending fault reports kept while the driver supplies no event buffers; more are dropped
@@ -92,42 +96,6 @@ pub const MAX_PENDING_FAULTS: usize = 64;
 /// How many times a translation refills the IOTLB before giving up (each retry means an
 /// invalidation raced with the fill; the state is re-read every time).
 const MAX_FILL_ATTEMPTS: usize = 4;
-
-/// Guest-triggerable events logged at `warn!` before dropping to `debug!`.
-const WARN_BUDGET: u64 = 16;
-
-/// Locks a mutex, recovering from poisoning: state is kept consistent by every holder, and a
-/// panicked thread must not take the IOMMU down for everybody else.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Logs at `warn!` the first [`WARN_BUDGET`] times, then at `debug!`: for events a guest can
-/// trigger in a loop.
-#[derive(Debug, Default)]
-struct RateLimitedWarn(AtomicU64);
-
-impl RateLimitedWarn {
-    fn log(&self, args: fmt::Arguments<'_>) {
-        let n = self.0.fetch_add(1, Ordering::Relaxed);
-        if n < WARN_BUDGET {
-            warn!("{args}");
-            if n + 1 == WARN_BUDGET {
-                warn!("virtio-iommu: further messages of this kind are logged at debug level");
-            }
-        } else {
-            debug!("{args}");
-        }
-    }
-}
 
 /// Counters updated from any thread.
 #[derive(Debug, Default)]
@@ -144,7 +112,6 @@ struct Shared {
     pending_faults: Mutex<VecDeque<VirtioIommuFault>>,
     fault_evt: EventFd,
     counters: Counters,
-    fault_log: RateLimitedWarn,
 }
 
 impl Shared {
@@ -154,17 +121,18 @@ impl Shared {
             pending_faults: Mutex::new(VecDeque::new()),
             fault_evt,
             counters: Counters::default(),
-            fault_log: RateLimitedWarn::default(),
         }
     }
 
     /// Queues a fault report for the event queue and wakes the device's worker.
     fn record_fault(&self, endpoint: u32, fault: Fault) {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
-        self.fault_log.log(format_args!(
+        guest_warn!(
             "virtio-iommu: endpoint {endpoint} fault at {:#x} (reason {}, flags {:#x})",
-            fault.address, fault.reason, fault.flags
-        ));
+            fault.address,
+            fault.reason,
+            fault.flags
+        );
         {
             let mut pending = lock(&self.pending_faults);
             if pending.len() >= MAX_PENDING_FAULTS {
@@ -181,7 +149,7 @@ impl Shared {
             });
         }
         if let Err(e) = self.fault_evt.write(1) {
-            warn!("virtio-iommu: cannot signal the fault eventfd: {e}");
+            guest_warn!("virtio-iommu: cannot signal the fault eventfd: {e}");
         }
     }
 }
@@ -191,7 +159,109 @@ impl Shared {
 #[must_use = "the guard only protects the request while it is held"]
 #[derive(Debug)]
 pub struct RequestGuard<'a> {
-    _guard: RwLockReadGuard<'a, ()>,
+    endpoint: &'a EndpointInner,
+    epoch: u64,
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        let in_flight = &self.endpoint.requests;
+        let mut s = lock(&in_flight.state);
+        let mut last_of_waited_epoch = false;
+        if let Some(n) = s.by_epoch.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                s.by_epoch.remove(&self.epoch);
+                // Somebody took a ticket while this request ran (an UNMAP, say).
+                last_of_waited_epoch = self.epoch < s.epoch;
+            }
+        }
+        drop(s);
+        in_flight.done.notify_all();
+        if last_of_waited_epoch {
+            if let Some(shared) = &self.endpoint.shared {
+                // Wakes the IOMMU's worker, which publishes completions deferred on this.
+                if let Err(e) = shared.fault_evt.write(1) {
+                    guest_warn!("virtio-iommu: cannot wake the worker: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What an operation that restricted translations must wait for: requests of one endpoint
+/// that started before the restriction. See [`EndpointIommu::ticket`].
+#[derive(Clone, Debug)]
+pub(crate) struct Ticket {
+    endpoint: EndpointIommu,
+    epoch: u64,
+}
+
+impl Ticket {
+    /// Whether every request the ticket waits for has finished.
+    pub(crate) fn done(&self) -> bool {
+        self.endpoint.inner.requests.done(self.epoch)
+    }
+
+    /// Blocks until [`Ticket::done`].
+    pub(crate) fn wait(&self) {
+        self.endpoint.inner.requests.wait(self.epoch);
+    }
+}
+
+/// An endpoint's in-flight requests, by the epoch they started in. A waiter (UNMAP and the
+/// other restricting operations) starts a new epoch and waits only for requests of earlier
+/// epochs: requests that start later already see the invalidated IOTLB, so a busy endpoint
+/// cannot starve an UNMAP, whatever the lock implementation prefers.
+#[derive(Debug, Default)]
+struct InFlight {
+    state: Mutex<InFlightState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct InFlightState {
+    epoch: u64,
+    /// Requests still running, per start epoch (no zero counts).
+    by_epoch: BTreeMap<u64, usize>,
+}
+
+impl InFlight {
+    fn begin(&self) -> u64 {
+        let mut s = lock(&self.state);
+        let epoch = s.epoch;
+        *s.by_epoch.entry(epoch).or_default() += 1;
+        epoch
+    }
+
+    /// Starts a new epoch; returns the last one, whose requests a waiter waits for.
+    fn ticket(&self) -> u64 {
+        let mut s = lock(&self.state);
+        let before = s.epoch;
+        // A u64 of epochs does not wrap.
+        s.epoch += 1;
+        before
+    }
+
+    fn done(&self, ticket: u64) -> bool {
+        lock(&self.state).by_epoch.range(..=ticket).next().is_none()
+    }
+
+    /// Waits for every request of epoch `ticket` or earlier.
+    fn wait(&self, ticket: u64) {
+        let mut s = lock(&self.state);
+        while s.by_epoch.range(..=ticket).next().is_some() {
+            s = self
+                .done
+                .wait(s)
+                .expect("lock poisoned: another thread panicked while holding it");
+        }
+    }
+
+    /// Requests in flight now (for tests and diagnostics).
+    fn count(&self) -> usize {
+        lock(&self.state).by_epoch.values().sum()
+    }
 }
 
 #[derive(Debug)]
@@ -199,9 +269,8 @@ struct EndpointInner {
     /// Endpoint ID (0 and meaningless for pass-through handles).
     id: u32,
     iotlb: RwLock<Iotlb>,
-    /// Read-held by device threads for the duration of a request; write-acquired by the
-    /// device after an invalidation, to wait for those requests.
-    requests: RwLock<()>,
+    /// Device threads' requests in flight; the device waits for them after an invalidation.
+    requests: InFlight,
     /// `None`: pass-through handle, identity translation.
     shared: Option<Arc<Shared>>,
     lookups: AtomicU64,
@@ -234,7 +303,7 @@ impl EndpointIommu {
             inner: Arc::new(EndpointInner {
                 id,
                 iotlb: RwLock::new(Iotlb::new()),
-                requests: RwLock::new(()),
+                requests: InFlight::default(),
                 shared,
                 lookups: AtomicU64::new(0),
                 fills: AtomicU64::new(0),
@@ -252,8 +321,23 @@ impl EndpointIommu {
     /// [request-guard contract](self#request-guard-contract-for-device-models).
     pub fn begin_request(&self) -> RequestGuard<'_> {
         RequestGuard {
-            _guard: read(&self.inner.requests),
+            endpoint: &self.inner,
+            epoch: self.inner.requests.begin(),
         }
+    }
+
+    /// Call after invalidating this endpoint's IOTLB: what to wait for before telling the
+    /// driver that the old translations are gone.
+    pub(crate) fn ticket(&self) -> Ticket {
+        Ticket {
+            endpoint: self.clone(),
+            epoch: self.inner.requests.ticket(),
+        }
+    }
+
+    /// Requests of this endpoint in flight (holding a [`RequestGuard`]) right now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.requests.count()
     }
 
     /// Whether two handles refer to the same endpoint state.
@@ -262,7 +346,9 @@ impl EndpointIommu {
     }
 
     /// Drops IOTLB entries: the ranges `(iova, length)`, or everything. Callers hold the
-    /// mapping-state mutex so that no translation refills a stale entry meanwhile.
+    /// mapping-state mutex so that no translation refills a stale entry meanwhile. The IOTLB
+    /// lock is only ever held for a lookup or a fill (device models drop their slice
+    /// iterators before doing I/O), so this never waits for a device's I/O.
     fn invalidate(&self, ranges: Option<&[(u64, u64)]>) {
         let mut tlb = write(&self.inner.iotlb);
         match ranges {
@@ -278,11 +364,6 @@ impl EndpointIommu {
                 }
             }
         }
-    }
-
-    /// Waits until every request that holds a [`RequestGuard`] of this endpoint has finished.
-    fn wait_for_requests(&self) {
-        drop(write(&self.inner.requests));
     }
 
     fn fill(tlb: &mut Iotlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {

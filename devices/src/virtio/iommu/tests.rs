@@ -726,10 +726,78 @@ fn stats_count_requests_by_type_and_status() {
 
 #[test]
 fn queue_notified_before_activation_is_ignored() {
+    let mem = guest();
     let mut dev = VirtioIommu::new().unwrap();
+    dev.endpoint(1);
+    dev.ack_features(AVAIL_FEATURES);
+    let vq = MockSplitQueue::create(&mem, REQ_QUEUE, QUEUE_LEN);
+    let req = attach_req(1, 1, 0);
+    mem.write_slice(&req, GuestAddress(REQ_BUF)).unwrap();
+    vq.add_desc_chains(
+        &chain(
+            &[(REQ_BUF, req.len() as u32, false), (RESP_BUF, 4, true)],
+            0,
+        ),
+        0,
+    )
+    .unwrap();
     dev.process_queue(REQUEST_QUEUE);
     dev.process_queue(EVENT_QUEUE);
     dev.process_queue(7);
+    assert_eq!(vq.used().idx().load(), 0, "no used-ring write");
+    assert_eq!(dev.stats().requests_of(VIRTIO_IOMMU_T_ATTACH), 0);
+
+    // Activated, the same chain is served and interrupts: the check above can fail.
+    let line = Arc::new(CountingLine::new());
+    dev.activate(
+        device_memory(mem.clone(), None),
+        vec![
+            vq.create_queue::<Queue>().unwrap(),
+            MockSplitQueue::create(&mem, EVT_QUEUE, QUEUE_LEN)
+                .create_queue::<Queue>()
+                .unwrap(),
+        ],
+        Arc::new(VirtioInterrupt::new(line.clone())),
+    )
+    .unwrap();
+    assert_eq!(line.triggers(), 0, "no interrupt before activation");
+    dev.process_queue(REQUEST_QUEUE);
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(line.triggers(), 1);
+}
+
+#[test]
+fn probe_without_probe_feature_is_unsupp() {
+    let mem = guest();
+    let mut h = Harness::with_features(&mem, AVAIL_FEATURES & !(1 << VIRTIO_IOMMU_F_PROBE));
+    let (len, reply) = h.send(&probe_req(1), PROBE_SIZE + 4);
+    assert_eq!(len, PROBE_SIZE + 4);
+    assert!(
+        reply[..PROBE_SIZE as usize].iter().all(|&b| b == 0),
+        "no property"
+    );
+    assert_eq!(reply[PROBE_SIZE as usize], VIRTIO_IOMMU_S_UNSUPP);
+}
+
+/// PROBE reports 0xfee00000-0xfeefffff as RESV_MEM/MSI, "translated 1:1": an attached
+/// endpoint's DMA there reaches the same address without a mapping and without a fault.
+#[test]
+fn dma_to_msi_window_is_identity_translated_for_attached_endpoints() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE),
+        (GuestAddress(super::mapping::MSI_IOVA_START), 0x1000),
+    ])
+    .unwrap();
+    let mut h = Harness::new(&mem);
+    assert_eq!(h.status(&attach_req(1, 1, 0)), VIRTIO_IOMMU_S_OK);
+    let ep = h.ep_mem(1);
+    let doorbell = GuestAddress(super::mapping::MSI_IOVA_START + 0x40);
+    ep.write_obj(0x4321u32, doorbell).unwrap();
+    assert_eq!(mem.read_obj::<u32>(doorbell).unwrap(), 0x4321);
+    assert_eq!(h.dev.stats().faults, 0);
+    // Outside the window the domain (with no mappings) still faults.
+    assert!(ep.write_obj(0u32, GuestAddress(DATA)).is_err());
+    assert_eq!(h.dev.stats().faults, 1);
 }
 
 #[test]
@@ -1042,32 +1110,211 @@ fn endpoint_handles_for_one_id_share_state() {
 
 // ---- Request guard ----
 
+/// A virtio-blk endpoint (behind endpoint 1, through its MMIO transport) whose disk read is
+/// stuck for up to 2 s. The old code held the endpoint's IOTLB lock across the read and took it
+/// for invalidation under the global mapping-state mutex, inside the IOMMU's device lock:
+/// anything after an UNMAP of endpoint 1 (other endpoints' ATTACH, MAP, UNMAP, DMA) waited the
+/// whole 2 s. Now: registers of the stuck device, other endpoints' requests and the IOMMU's
+/// own worker are not delayed; the UNMAP of the buffer in use is applied at once but returned
+/// only after the read finished, and after it no DMA reaches the range.
 #[test]
-fn unmap_completes_only_after_in_flight_requests() {
+fn stuck_disk_read_delays_only_the_unmap_of_its_own_buffer() {
+    use crate::virtio::block::tests::{driver_ok, SlowDisk};
+    use crate::virtio::block::{Block, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+    use crate::virtio::mmio::*;
+    use crate::virtio::{QueueProgress, VirtioDevice};
+    use std::time::Instant;
+    const QUICK: Duration = Duration::from_millis(200);
+    // Rings, header and status in one mapping, the data buffer in another (identity IOVAs).
+    const BLK_RING: u64 = 0xa0_0000;
+    const BLK_HDR: u64 = 0xa8_0000;
+    const BLK_STATUS: u64 = 0xa9_0000;
+    const BLK_DATA: u64 = 0xb0_0000;
+
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    assert_eq!(h.status(&attach_req(1, 1, 0)), VIRTIO_IOMMU_S_OK);
+    assert_eq!(
+        h.status(&map_req(1, BLK_RING, 0xaf_ffff, BLK_RING, RW)),
+        VIRTIO_IOMMU_S_OK
+    );
+    assert_eq!(
+        h.status(&map_req(1, BLK_DATA, BLK_DATA + 0xfff, BLK_DATA, RW)),
+        VIRTIO_IOMMU_S_OK
+    );
+
+    let (slow, started, release) = SlowDisk::new(Duration::from_secs(2));
+    let block = Block::with_backend(Box::new(slow), false, "slow".into(), true).unwrap();
+    let block = Arc::new(std::sync::Mutex::new(block));
+    let mut t = MmioTransport::new(
+        block.clone(),
+        h.ep_mem(1),
+        Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::new()))),
+    );
+    let vq = MockSplitQueue::create(&mem, GuestAddress(BLK_RING), 16);
+    driver_ok(&mut t, &vq, 3);
+    assert!(t.is_activated());
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    mem.write_slice(&hdr, GuestAddress(BLK_HDR)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(BLK_STATUS)).unwrap();
+    vq.add_desc_chains(
+        &chain(
+            &[
+                (BLK_HDR, 16, false),
+                (BLK_DATA, 512, true),
+                (BLK_STATUS, 1, true),
+            ],
+            0,
+        ),
+        0,
+    )
+    .unwrap();
+    let handler = crate::sync::lock(&block).queue_handler();
+    let worker = thread::spawn(move || handler.process_queue(0));
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("read started");
+    assert_eq!(h.dev.endpoint(1).requests_in_flight(), 1);
+
+    // The stuck device's registers.
+    let t0 = Instant::now();
+    let mut capacity = [0u8; 8];
+    crate::bus::BusDevice::read(&mut t, VIRTIO_MMIO_CONFIG, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 2048);
+    let mut word = [0u8; 4];
+    crate::bus::BusDevice::read(&mut t, VIRTIO_MMIO_STATUS, &mut word);
+    assert_eq!(u32::from_le_bytes(word), 0xf);
+    crate::bus::BusDevice::read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS, &mut word);
+    crate::bus::BusDevice::write(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, &1u32.to_le_bytes());
+    assert!(t0.elapsed() < QUICK, "registers took {:?}", t0.elapsed());
+
+    // UNMAP of the buffer the read is filling: applied, not returned, worker not blocked.
+    let unmap = unmap_req(1, BLK_DATA, BLK_DATA + 0xfff);
+    let (unmap_req_at, unmap_resp) = (REQ_BUF + 0x1000, RESP_BUF + 0x1000);
+    mem.write_slice(&unmap, GuestAddress(unmap_req_at)).unwrap();
+    mem.write_slice(&[0xaa; 4], GuestAddress(unmap_resp))
+        .unwrap();
+    h.mock(0)
+        .add_desc_chains(
+            &chain(
+                &[
+                    (unmap_req_at, unmap.len() as u32, false),
+                    (unmap_resp, 4, true),
+                ],
+                10,
+            ),
+            10,
+        )
+        .unwrap();
+    let t0 = Instant::now();
+    h.dev.process_queue(REQUEST_QUEUE);
+    assert!(
+        t0.elapsed() < QUICK,
+        "UNMAP blocked the IOMMU for {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        h.next_used(0),
+        None,
+        "UNMAP returned while a read into the old mapping runs"
+    );
+
+    // Another endpoint meanwhile: ATTACH, MAP, DMA, UNMAP all at once.
+    let t0 = Instant::now();
+    assert_eq!(h.status(&attach_req(2, 2, 0)), VIRTIO_IOMMU_S_OK);
+    assert_eq!(h.status(&map_req(2, 0, 0xfff, DATA, RW)), VIRTIO_IOMMU_S_OK);
+    h.ep_mem(2).write_obj(7u8, GuestAddress(0x10)).unwrap();
+    assert_eq!(h.status(&unmap_req(2, 0, 0xfff)), VIRTIO_IOMMU_S_OK);
+    let _ = h.dev.config();
+    assert!(
+        t0.elapsed() < QUICK,
+        "another endpoint's requests took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+    assert_eq!(h.next_used(0), None, "the first UNMAP is still held");
+
+    // The read ends (through slices resolved before the UNMAP) and completes OK.
+    release.send(()).unwrap();
+    assert_eq!(worker.join().unwrap(), QueueProgress::Idle);
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(BLK_STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(BLK_DATA)).unwrap(), 0x5a);
+    // Its end woke the IOMMU's worker (the fault eventfd is its EVENT_QUEUE notifier), which
+    // now returns the UNMAP.
+    assert!(h.dev.fault_eventfd().read().is_ok(), "worker woken");
+    h.dev.process_queue(EVENT_QUEUE);
+    assert_eq!(h.next_used(0), Some((10, 4)));
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(unmap_resp)).unwrap(),
+        VIRTIO_IOMMU_S_OK
+    );
+    // The guarantee: after the UNMAP is returned, no DMA reaches the range.
+    assert!(h.ep_mem(1).write_obj(0u8, GuestAddress(BLK_DATA)).is_err());
+}
+
+/// UNMAP's wait does not depend on lock fairness: an endpoint that starts request after
+/// request (never idle) does not hold an UNMAP back; only requests begun before it do.
+#[test]
+fn unmap_waits_only_for_requests_begun_before_it() {
     let mem = guest();
     let mut h = Harness::new(&mem);
     h.status(&attach_req(1, 1, 0));
     h.status(&map_req(1, 0x0, 0xfff, DATA, RW));
-    let ep = h.ep_mem(1);
+    let ep = h.dev.endpoint(1);
+    let old = ep.begin_request();
+    // Applied but held: `old` may still use the mapping.
+    let unmap = unmap_req(1, 0x0, 0xfff);
+    h.mem.write_slice(&unmap, GuestAddress(REQ_BUF)).unwrap();
+    h.mock(0)
+        .add_desc_chains(
+            &chain(
+                &[(REQ_BUF, unmap.len() as u32, false), (RESP_BUF, 4, true)],
+                0,
+            ),
+            0,
+        )
+        .unwrap();
+    h.dev.process_queue(REQUEST_QUEUE);
+    assert_eq!(h.next_used(0), None);
+    // A request begun after the UNMAP sees the invalidated IOTLB; it does not count.
+    let new = ep.begin_request();
+    drop(old);
+    h.dev.process_queue(EVENT_QUEUE);
+    assert_eq!(h.next_used(0), Some((0, 4)));
+    drop(new);
+}
+
+/// Clearing `bypass` is a config write: it cannot be deferred, so it waits (on the writing
+/// thread) for requests of unattached endpoints that may still use identity translations.
+#[test]
+fn clearing_bypass_waits_for_in_flight_requests() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    let ep = h.dev.endpoint(1);
     let (started_tx, started_rx) = mpsc::channel();
     let finished = Arc::new(AtomicBool::new(false));
     let worker = {
         let finished = finished.clone();
         thread::spawn(move || {
-            let _guard = ep.iommu().begin_request();
-            ep.write_obj(1u8, GuestAddress(0)).unwrap();
+            let _guard = ep.begin_request();
             started_tx.send(()).unwrap();
-            thread::sleep(Duration::from_millis(200));
+            thread::sleep(Duration::from_millis(100));
             finished.store(true, Ordering::SeqCst);
         })
     };
     started_rx.recv().unwrap();
-    assert_eq!(h.status(&unmap_req(1, 0x0, 0xfff)), VIRTIO_IOMMU_S_OK);
+    h.write_bypass(0);
     assert!(
         finished.load(Ordering::SeqCst),
-        "UNMAP completed while a request using the old mapping was in flight"
+        "bypass cleared while a request using identity translations was in flight"
     );
     worker.join().unwrap();
+    assert!(h.ep_mem(1).read_obj::<u8>(GuestAddress(DATA)).is_err());
 }
 
 #[test]
