@@ -126,14 +126,14 @@ fn assert_interrupt_remapping(out: &GuestOutput) {
         "routes rebuilt during fio"
     );
     assert_fio_exits(out);
-    assert_eq!(out.stat("/interrupts/userspace_injected"), 0);
+    assert_eq!(out.stat("/interrupts/signal_msi"), 0);
     assert!(
         out.stat("/remap/iec_selective") > 0,
         "no index-selective invalidation seen"
     );
     assert_eq!(out.stat("/remap/queue_errors"), 0);
     assert_eq!(
-        out.stat("/remap/blocked"),
+        out.stat("/remap/blocked_total"),
         0,
         "a legitimate interrupt was blocked"
     );
@@ -210,7 +210,7 @@ fn smp_guest_with_iommu_and_disk() {
         "serial IRQ count did not grow: {before} -> {after}"
     );
     assert_eq!(
-        out.stat("/interrupts/userspace_injected"),
+        out.stat("/interrupts/signal_msi"),
         0,
         "interrupts must all go through irqfds"
     );

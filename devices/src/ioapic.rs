@@ -152,7 +152,7 @@ pub fn rte_to_msi(rte: u64) -> MsiMessage {
 }
 
 /// Counters of guest activity on the IOAPIC.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IoapicStats {
     /// Guest writes to a redirection-table dword (low or high half), changed or not.
     pub rte_writes: u64,

@@ -112,7 +112,7 @@ pub struct InterruptStats {
 }
 
 /// A snapshot of [`InterruptStats`] plus the table size.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct InterruptCounters {
     /// See [`InterruptStats::irqfd_triggers`].
     pub irqfd_triggers: u64,

@@ -1,10 +1,13 @@
 //! The counters printed at exit (`--stats`) or written as JSON (`--stats-json PATH`).
 //!
-//! JSON layout (flat numbers, hand-written; names are stable for tests and scripts):
+//! JSON layout (serde; names are stable for tests and scripts):
 //! ```text
 //! { "exit", "exit_code", "elapsed_ms",
-//!   "interrupts": { irqfd_triggers, userspace_injected, routing_updates, routes_rebuilt,
-//!                   routes_in_use, irqfds },
+//!   "boot_to_init_ms": null | ms from VMM start to the guest's first mark 1 (its init),
+//!   "marks": [ { id, t_ms, counters: { NAME: value } } ], "marks_dropped",
+//!   "interrupts": { irqfd_triggers, signal_msi, ioapic_eoi_exits, routing_updates,
+//!                   routes_rebuilt, irqfds, blocked_requests, fault_events, routes_in_use,
+//!                   parked },
 //!   "serial": { irqs }, "ioapic": { rte_writes, eois },
 //!   "virtio": { irqs },
 //!   "iommu": null | { requests: { attach|detach|map|unmap|probe|unknown:
@@ -13,17 +16,33 @@
 //!                     domains, mappings, iotlb_lookups, iotlb_fills, faults,
 //!                     events_delivered, events_dropped },
 //!   "disks": [ { reads, writes, flushes, get_id, unsupported, errors, bytes_read,
-//!                bytes_written } ],
+//!                bytes_written, mmio_exits } ],
+//!   "exits": { mmio: { DEVICE: n }, pio: { DEVICE: n }, mmio_unclaimed, pio_unclaimed },
 //!   "irqs_blocked",
 //!   "remap": null | { iec_global, iec_selective, wait_descriptors, ignored_descriptors,
-//!                     queue_errors, translations, passthrough, blocked, blocked_by: {...},
-//!                     faults_recorded, fault_events, completion_events } }
+//!                     queue_errors, translations, passthrough, blocked: { BY REASON },
+//!                     blocked_total, faults_recorded, faults_suppressed,
+//!                     faults_overflowed, fault_events, completion_events } }
 //! ```
+//!
+//! `exits` counts every guest register access the VMM handled (each is a VM exit to
+//! userspace), by device: `ioapic`, `dmar`, `virtio-iommu`, `diskN` on MMIO; `serial`,
+//! `acpi-pm`, `i8042`, `marker` on port I/O. Mark counters are the `interrupts` fields by
+//! name, `mmio_exits.DEVICE`, `pio_exits.DEVICE`, and per virtio device `irqs.NAME`,
+//! `NAME.isr_reads`, `NAME.interrupt_acks`, `diskN.requests`.
 
+use std::collections::BTreeMap;
+
+use devices::bus::BusExits;
 use devices::remap::RemapStats;
+use devices::virtio::block::BlockStats;
 use devices::virtio::iommu::IommuStats;
+use devices::IoapicStats;
+use serde::Serialize;
 
 use crate::config::VmConfig;
+use crate::interrupts::InterruptCounters;
+use crate::marks::MarkReport;
 use crate::vm::{RunOutcome, VmError};
 
 /// Request-type names, indexed like `IommuStats::requests` (0 = unknown type).
@@ -42,112 +61,140 @@ pub const IOMMU_STATUSES: [&str; 10] = [
     "no_status",
 ];
 
-fn iommu_json(s: &IommuStats) -> String {
-    let reqs: Vec<String> = IOMMU_REQUEST_TYPES
-        .iter()
-        .enumerate()
-        .map(|(t, name)| {
-            let by_status: Vec<String> = IOMMU_STATUSES
-                .iter()
-                .enumerate()
-                .map(|(st, sname)| format!("\"{sname}\":{}", s.requests[t][st]))
-                .collect();
-            format!("\"{name}\":{{{}}}", by_status.join(","))
-        })
-        .collect();
-    format!(
-        "{{\"requests\":{{{}}},\"domains\":{},\"mappings\":{},\"iotlb_lookups\":{},\"iotlb_fills\":{},\"faults\":{},\"events_delivered\":{},\"events_dropped\":{}}}",
-        reqs.join(","),
-        s.domains,
-        s.mappings,
-        s.iotlb_lookups,
-        s.iotlb_fills,
-        s.faults,
-        s.events_delivered,
-        s.events_dropped
-    )
+/// The iommu counters with the request matrix keyed by type and status names.
+#[derive(Serialize)]
+struct IommuJson<'a> {
+    requests: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    domains: u64,
+    mappings: u64,
+    iotlb_lookups: u64,
+    iotlb_fills: u64,
+    faults: u64,
+    events_delivered: u64,
+    events_dropped: u64,
+    #[serde(skip)]
+    _s: std::marker::PhantomData<&'a ()>,
 }
 
-fn remap_json(r: &RemapStats) -> String {
-    let b = &r.blocked;
-    format!(
-        concat!(
-            "{{\"iec_global\":{},\"iec_selective\":{},\"wait_descriptors\":{},\"ignored_descriptors\":{},",
-            "\"queue_errors\":{},\"translations\":{},\"passthrough\":{},\"blocked\":{},",
-            "\"blocked_by\":{{\"request_reserved\":{},\"index_out_of_bounds\":{},\"not_present\":{},",
-            "\"table_read_failed\":{},\"irte_reserved\":{},\"compatibility_blocked\":{},",
-            "\"source_id_mismatch\":{},\"remapping_disabled\":{}}},",
-            "\"faults_recorded\":{},\"fault_events\":{},\"completion_events\":{}}}"
-        ),
-        r.iec_global,
-        r.iec_selective,
-        r.wait_descriptors,
-        r.ignored_descriptors,
-        r.queue_errors,
-        r.translations,
-        r.passthrough,
-        b.total(),
-        b.request_reserved,
-        b.index_out_of_bounds,
-        b.not_present,
-        b.table_read_failed,
-        b.irte_reserved,
-        b.compatibility_blocked,
-        b.source_id_mismatch,
-        b.remapping_disabled,
-        r.faults_recorded,
-        r.fault_events,
-        r.completion_events
-    )
+impl<'a> IommuJson<'a> {
+    fn new(s: &'a IommuStats) -> Self {
+        let requests = IOMMU_REQUEST_TYPES
+            .iter()
+            .enumerate()
+            .map(|(t, name)| {
+                let by_status = IOMMU_STATUSES
+                    .iter()
+                    .enumerate()
+                    .map(|(st, sname)| (*sname, s.requests_with(t as u8, st)))
+                    .collect();
+                (*name, by_status)
+            })
+            .collect();
+        IommuJson {
+            requests,
+            domains: s.domains,
+            mappings: s.mappings,
+            iotlb_lookups: s.iotlb_lookups,
+            iotlb_fills: s.iotlb_fills,
+            faults: s.faults,
+            events_delivered: s.events_delivered,
+            events_dropped: s.events_dropped,
+            _s: std::marker::PhantomData,
+        }
+    }
 }
 
-/// Renders the counters as one JSON object.
+/// A disk's request counters plus the register exits its transport caused.
+#[derive(Serialize)]
+struct DiskJson<'a> {
+    #[serde(flatten)]
+    stats: &'a BlockStats,
+    mmio_exits: u64,
+}
+
+#[derive(Serialize)]
+struct RemapJson<'a> {
+    #[serde(flatten)]
+    stats: &'a RemapStats,
+    blocked_total: u64,
+}
+
+#[derive(Serialize)]
+struct Irqs {
+    irqs: u64,
+}
+
+#[derive(Serialize)]
+struct ExitsJson {
+    mmio: BTreeMap<String, u64>,
+    pio: BTreeMap<String, u64>,
+    mmio_unclaimed: u64,
+    pio_unclaimed: u64,
+}
+
+/// The whole `--stats-json` object.
+#[derive(Serialize)]
+struct StatsJson<'a> {
+    exit: String,
+    exit_code: i32,
+    elapsed_ms: u64,
+    #[serde(flatten)]
+    marks: &'a MarkReport,
+    interrupts: &'a InterruptCounters,
+    serial: Irqs,
+    ioapic: &'a IoapicStats,
+    virtio: Irqs,
+    iommu: Option<IommuJson<'a>>,
+    disks: Vec<DiskJson<'a>>,
+    exits: ExitsJson,
+    irqs_blocked: u64,
+    remap: Option<RemapJson<'a>>,
+}
+
+fn by_name(exits: &[BusExits]) -> BTreeMap<String, u64> {
+    exits.iter().map(|e| (e.name.clone(), e.exits)).collect()
+}
+
+/// Renders the counters as one JSON object (layout in the module documentation).
 pub fn to_json(o: &RunOutcome) -> String {
-    let i = &o.interrupts;
-    let iommu = o
-        .devices
-        .iommu
-        .as_ref()
-        .map_or("null".to_owned(), iommu_json);
-    let disks: Vec<String> = o
-        .devices
-        .disks
-        .iter()
-        .map(|d| {
-            format!(
-                "{{\"reads\":{},\"writes\":{},\"flushes\":{},\"get_id\":{},\"unsupported\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{}}}",
-                d.reads, d.writes, d.flushes, d.get_id, d.unsupported, d.errors, d.bytes_read, d.bytes_written
-            )
-        })
-        .collect();
-    format!(
-        concat!(
-            "{{\"exit\":\"{}\",\"exit_code\":{},\"elapsed_ms\":{},",
-            "\"interrupts\":{{\"irqfd_triggers\":{},\"userspace_injected\":{},",
-            "\"routing_updates\":{},\"routes_rebuilt\":{},\"routes_in_use\":{},\"irqfds\":{}}},",
-            "\"serial\":{{\"irqs\":{}}},",
-            "\"ioapic\":{{\"rte_writes\":{},\"eois\":{}}},",
-            "\"virtio\":{{\"irqs\":{}}},\"iommu\":{},\"disks\":[{}],",
-            "\"irqs_blocked\":{},\"remap\":{}}}"
-        ),
-        o.exit.describe().replace('"', "'"),
-        o.exit.exit_code(),
-        o.elapsed.as_millis(),
-        i.irqfd_triggers,
-        i.signal_msi,
-        i.routing_updates,
-        i.routes_rebuilt,
-        i.routes_in_use,
-        i.irqfds,
-        o.serial_irqs,
-        o.ioapic.rte_writes,
-        o.ioapic.eois,
-        o.devices.virtio_irqs,
-        iommu,
-        disks.join(","),
-        o.irqs_blocked,
-        o.remap.as_ref().map_or("null".to_owned(), remap_json),
-    )
+    let mmio = by_name(&o.exits.mmio);
+    let json = StatsJson {
+        exit: o.exit.describe(),
+        exit_code: o.exit.exit_code(),
+        elapsed_ms: o.elapsed.as_millis() as u64,
+        marks: &o.marks,
+        interrupts: &o.interrupts,
+        serial: Irqs {
+            irqs: o.serial_irqs,
+        },
+        ioapic: &o.ioapic,
+        virtio: Irqs {
+            irqs: o.devices.virtio_irqs,
+        },
+        iommu: o.devices.iommu.as_ref().map(IommuJson::new),
+        disks: o
+            .devices
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, stats)| DiskJson {
+                stats,
+                mmio_exits: mmio.get(&format!("disk{i}")).copied().unwrap_or(0),
+            })
+            .collect(),
+        exits: ExitsJson {
+            mmio,
+            pio: by_name(&o.exits.pio),
+            mmio_unclaimed: o.exits.mmio_unclaimed,
+            pio_unclaimed: o.exits.pio_unclaimed,
+        },
+        irqs_blocked: o.irqs_blocked,
+        remap: o.remap.as_ref().map(|stats| RemapJson {
+            stats,
+            blocked_total: stats.blocked.total(),
+        }),
+    };
+    serde_json::to_string(&json).expect("counters serialize to JSON")
 }
 
 /// Prints and/or writes the counters as the configuration asks.
@@ -160,9 +207,25 @@ pub fn report(cfg: &VmConfig, o: &RunOutcome) -> Result<(), VmError> {
             o.elapsed.as_secs_f64()
         );
         eprintln!(
-            "vmm: stats: interrupts irqfd_triggers={} userspace_injected={} routing_updates={} routes_rebuilt={} routes_in_use={} irqfds={}",
-            i.irqfd_triggers, i.signal_msi, i.routing_updates, i.routes_rebuilt, i.routes_in_use, i.irqfds
+            "vmm: stats: interrupts irqfd_triggers={} signal_msi={} ioapic_eoi_exits={} routing_updates={} routes_rebuilt={} routes_in_use={} irqfds={} blocked_requests={} fault_events={}",
+            i.irqfd_triggers, i.signal_msi, i.ioapic_eoi_exits, i.routing_updates, i.routes_rebuilt, i.routes_in_use, i.irqfds, i.blocked_requests, i.fault_events
         );
+        let exits = |v: &[BusExits]| {
+            v.iter()
+                .map(|e| format!("{}={}", e.name, e.exits))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        eprintln!(
+            "vmm: stats: exits mmio {} unclaimed={}; pio {} unclaimed={}",
+            exits(&o.exits.mmio),
+            o.exits.mmio_unclaimed,
+            exits(&o.exits.pio),
+            o.exits.pio_unclaimed
+        );
+        if let Some(ms) = o.marks.boot_to_init_ms {
+            eprintln!("vmm: stats: boot_to_init_ms={ms}");
+        }
         eprintln!(
             "vmm: stats: serial irqs={} ioapic rte_writes={} eois={} virtio irqs={}",
             o.serial_irqs, o.ioapic.rte_writes, o.ioapic.eois, o.devices.virtio_irqs

@@ -442,7 +442,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let boot = kernel::load(cfg, &mem, rsdp).map_err(VmError::Kernel)?;
     kernel::write_boot_tables(&mem, boot.protocol).map_err(VmError::Kernel)?;
 
-    marks.set_counters(mark_counters(&interrupts, &mmio, &pio));
+    let mut counters = mark_counters(&interrupts, &mmio, &pio);
+    counters.extend(dm.mark_counters());
+    marks.set_counters(counters);
     // Clones share the exit counters.
     let (mmio_counts, pio_counts) = (mmio.clone(), pio.clone());
 

@@ -4,52 +4,32 @@
 //! (`PANIC_CHILD=<case>`) and checks the child's exit status and stderr.
 
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use devices::virtio::{ActivateError, DeviceMemory, VirtioDevice, VirtioInterrupt};
-use virtio_queue::Queue;
+use devices::virtio::{QueueHandler, QueueProgress};
 use vmm::fatal::{install_panic_hook, EXIT_PANIC};
 use vmm::worker::Worker;
 use vmm_sys_util::eventfd::EventFd;
 
-/// A device whose queue handler panics, as a buggy device model would.
-struct PanickingDevice;
+/// A device data plane whose queue handler panics, as a buggy device model would.
+struct PanickingQueue;
 
-impl VirtioDevice for PanickingDevice {
-    fn device_type(&self) -> u32 {
-        2
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16]
-    }
-    fn features(&self) -> u64 {
-        0
-    }
-    fn ack_features(&mut self, _: u64) {}
-    fn read_config(&self, _: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write_config(&mut self, _: u64, _: &[u8]) {}
-    fn activate(
-        &mut self,
-        _: DeviceMemory,
-        _: Vec<Queue>,
-        _: Arc<VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        Ok(())
-    }
-    fn process_queue(&mut self, _: usize) {
+impl QueueHandler for PanickingQueue {
+    fn process_queue(&self, _: usize) -> QueueProgress {
         panic!("device model bug (test)");
     }
-    fn reset(&mut self) {}
 }
 
 /// The child's body: a real device worker thread whose device panics on a queue kick.
 fn child_worker_panic() -> ! {
     install_panic_hook();
     let kick = Arc::new(EventFd::new(0).unwrap());
-    let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(PanickingDevice));
-    let _worker = Worker::spawn("virtio-test0".into(), device, vec![(kick.clone(), 0)]).unwrap();
+    let _worker = Worker::spawn(
+        "virtio-test0".into(),
+        Arc::new(PanickingQueue),
+        vec![(kick.clone(), 0)],
+    )
+    .unwrap();
     kick.write(1).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(20));
     // Reached only if the panic did not end the process.

@@ -132,7 +132,7 @@ impl RouteInvalidation {
 }
 
 /// Interrupt requests blocked, by reason.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlockedStats {
     /// [`BlockReason::RequestReserved`].
     pub request_reserved: u64,
@@ -181,7 +181,7 @@ impl BlockedStats {
 }
 
 /// Counters of the unit's activity; see [`RemapUnit::stats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RemapStats {
     /// Global interrupt entry cache invalidations processed.
     pub iec_global: u64,

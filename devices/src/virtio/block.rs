@@ -175,7 +175,7 @@ impl DiskBackend for FileBackend {
 
 /// Request counters, for the VMM's report. A request is counted under its type when its header
 /// could be read, whatever its outcome.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlockStats {
     /// `VIRTIO_BLK_T_IN` requests.
     pub reads: u64,

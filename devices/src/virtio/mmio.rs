@@ -136,9 +136,21 @@ pub const DEVICE_NEEDS_RESET: u32 = 0x40;
 /// Device status bit: the guest gave up on the device.
 pub const DEVICE_FAILED: u32 = 0x80;
 
+/// Guest accesses to the registers every completion interrupt costs (Linux's `vm_interrupt`
+/// reads InterruptStatus, then writes InterruptACK): the figure that says how much of a
+/// virtio-mmio device's data path reaches the VMM.
+#[derive(Debug, Default)]
+pub struct TransportCounters {
+    /// InterruptStatus reads.
+    pub isr_reads: std::sync::atomic::AtomicU64,
+    /// InterruptACK writes.
+    pub interrupt_acks: std::sync::atomic::AtomicU64,
+}
+
 /// The register file of one virtio-mmio device; see the [module documentation](self).
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    counters: Arc<TransportCounters>,
     /// The memory the device sees; cloned into `activate`.
     mem: DeviceMemory,
     interrupt: Arc<VirtioInterrupt>,
@@ -206,6 +218,7 @@ impl MmioTransport {
             .collect();
         MmioTransport {
             device,
+            counters: Arc::default(),
             mem,
             interrupt,
             device_type,
@@ -227,6 +240,11 @@ impl MmioTransport {
     /// processing the queue on the vCPU thread.
     pub fn set_queue_notifiers(&mut self, notifiers: Vec<Arc<EventFd>>) {
         self.notifiers = notifiers;
+    }
+
+    /// The interrupt-register access counters (shared; they keep counting).
+    pub fn counters(&self) -> Arc<TransportCounters> {
+        self.counters.clone()
     }
 
     /// Number of queues the device has (one ioeventfd each).
@@ -293,7 +311,12 @@ impl MmioTransport {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_INTERRUPT_STATUS => {
+                self.counters
+                    .isr_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.interrupt.status()
+            }
             VIRTIO_MMIO_STATUS => self.status,
             // The address registers are write-only in the spec; reading them back is harmless
             // and helps debugging.
@@ -354,7 +377,12 @@ impl MmioTransport {
             | VIRTIO_MMIO_QUEUE_USED_LOW
             | VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_address(offset, value),
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
-            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => {
+                self.counters
+                    .interrupt_acks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.interrupt.ack(value)
+            }
             VIRTIO_MMIO_STATUS => self.write_status(value),
             VIRTIO_MMIO_SHM_SEL => {}
             _ => debug!(
