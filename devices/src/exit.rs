@@ -92,11 +92,7 @@ impl ExitSignal {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<ExitRequest>> {
-        // The slot is a plain Option: a panic elsewhere cannot leave it inconsistent.
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.inner.pending)
     }
 }
 

@@ -71,11 +71,7 @@ impl MutEventSubscriber for StopSources {
         let fd = events.fd();
         if fd == self.vcpu_wake.as_raw_fd() {
             let _ = self.vcpu_wake.read();
-            let received = self
-                .vcpu_exits
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .try_recv();
+            let received = devices::sync::lock(&self.vcpu_exits).try_recv();
             if let Ok(r) = received {
                 self.reason.get_or_insert(r);
             }
@@ -124,7 +120,7 @@ impl MutEventSubscriber for ConsoleIn {
                 Ok(n) => self.pending.extend_from_slice(&buf[..n]),
                 Err(e) => log::debug!("stdin read failed: {e}"),
             }
-            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let mut serial = devices::sync::lock(&self.serial);
             let taken = serial.enqueue_input(&self.pending);
             self.pending.drain(..taken);
             // Bound what we keep for a guest that never reads its console.
@@ -166,7 +162,7 @@ pub fn run(
         pending: Vec::new(),
     })));
     loop {
-        if let Some(r) = stop.lock().unwrap_or_else(|e| e.into_inner()).reason.take() {
+        if let Some(r) = devices::sync::lock(&stop).reason.take() {
             return Ok(r);
         }
         manager.run().map_err(EventLoopError::EventManager)?;

@@ -551,7 +551,7 @@ fn mark_counters(
 }
 
 fn drain_reason(rx: &Mutex<Receiver<VmExit>>) {
-    let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+    let rx = devices::sync::lock(rx);
     while let Ok(r) = rx.try_recv() {
         log::debug!("Further stop reason after the first: {r:?}");
     }
