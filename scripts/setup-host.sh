@@ -4,7 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-pkgs=(acpica-tools)
+pkgs=(acpica-tools device-tree-compiler)
 while read -r p; do
   [[ -z "$p" || "$p" == \#* ]] || pkgs+=("$p")
 done < "$root/resources/guest/host-packages.txt"

@@ -291,6 +291,190 @@ fn bzimage_without_iommu_disk() {
     assert!(out.stat("/disks/0/writes") > 0);
 }
 
+/// Kernel log lines the device-tree test wants to see (`kmsg` check).
+const KMSG_GREP_DT: &str =
+    "guest.kmsg_grep=iommu|virtio|vda|vdb|deferred|syscon|poweroff|ttyS|smp:|IOAPIC|Virtual Wire|ACPI";
+
+/// `dtc -I dtb -O dts` of the dumped DTB: no warnings, and the nodes of the devices placed
+/// (IOMMU in slot 0, disk 0 behind it with endpoint ID 1, disk 1 with `iommu=off` in slot 2).
+fn assert_dumped_dtb(dir: &std::path::Path) {
+    let path = dir.join("vmm.dtb");
+    let out = Command::new("dtc")
+        .args(["-I", "dtb", "-O", "dts"])
+        .arg(&path)
+        .output()
+        .expect("dtc (Debian device-tree-compiler) is needed for this test");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "dtc {}: {stderr}",
+        path.display()
+    );
+    let dts = String::from_utf8_lossy(&out.stdout);
+    let node = |name: &str| {
+        let start = dts
+            .find(&format!("{name} {{"))
+            .unwrap_or_else(|| panic!("no {name} in\n{dts}"));
+        let end = start + dts[start..].find("};").unwrap();
+        dts[start..end].to_owned()
+    };
+    let iommu = node("iommu@d0000000");
+    assert!(iommu.contains("#iommu-cells = <0x01>;") && iommu.contains("phandle = <0x02>;"));
+    assert!(iommu.contains("interrupts = <0x05 0x03>;"), "{iommu}");
+    let disk0 = node("virtio_mmio@d0001000");
+    assert!(disk0.contains("iommus = <0x02 0x01>;"), "{disk0}");
+    assert!(disk0.contains("interrupts = <0x06 0x03>;"), "{disk0}");
+    let disk1 = node("virtio_mmio@d0002000");
+    assert!(
+        !disk1.contains("iommus"),
+        "the iommu=off disk names the IOMMU: {disk1}"
+    );
+    assert!(dts.contains("cpu@1 {") && !dts.contains("cpu@2 {"));
+    assert!(dts.contains("compatible = \"syscon-poweroff\";"));
+    let acpi: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".dat"))
+        .collect();
+    assert!(acpi.is_empty(), "ACPI tables dumped in DT mode: {acpi:?}");
+}
+
+/// Device-tree mode (`--firmware dt --iommu=dma`): PVH-capable vmlinux entered through the
+/// 64-bit boot protocol with the DTB in setup_data, 2 vCPUs, `acpi=off`. The guest has a
+/// device tree, brings up both CPUs from `/cpus`, ttyS0 takes interrupts through the DT
+/// IOAPIC, virtio-iommu binds from the `virtio,mmio` node, the disk whose node has `iommus`
+/// is in an IOMMU group (and is written through it, MAP/UNMAP > 0), and `poweroff` reaches
+/// the syscon power-off register: exit 0. Negative control in the same boot: a second disk
+/// with `iommu=off` has no `iommus`, no IOMMU group, and no ATTACH (ATTACH count = 1).
+#[test]
+fn device_tree_boot_with_virtio_iommu() {
+    let image = guest_image();
+    let disk = disk_image(64);
+    let bypass = disk_image(64);
+    let tables = temp_path("dt-tables");
+    let mut run = GuestRun::new(
+        &image,
+        &image.vmlinux,
+        "devicetree,cpus,serial-irq,kmsg,iommu-groups,disk",
+    );
+    run.cpus = 2;
+    run.cmdline.push("earlycon=uart8250,io,0x3f8,115200".into());
+    run.cmdline.push(KMSG_GREP_DT.into());
+    // The translated disk by its DT node: it probes after the IOMMU, so it need not be vda.
+    run.cmdline
+        .push("guest.disk=of:d0001000.virtio_mmio".into());
+    run.args = vec![
+        "-v".into(),
+        "--iommu=dma".into(),
+        "--disk".into(),
+        disk.to_str().unwrap().into(),
+        "--disk".into(),
+        format!("{},iommu=off", bypass.display()),
+        "--dump-tables".into(),
+        tables.to_str().unwrap().into(),
+    ];
+    run.use_device_tree();
+    let out = run.run();
+    println!(
+        "BOOT_TIME vmlinux/64-bit+DTB 2 vCPUs --firmware dt --iommu=dma 2 disks: {}",
+        out.timing()
+    );
+    for line in &out.kmsg {
+        println!("DT_KMSG {line}");
+    }
+    out.assert_clean_poweroff();
+    assert!(
+        out.stderr.iter().any(|l| l.contains("Device tree (")),
+        "the VMM did not write a device tree\n{}",
+        out.transcript()
+    );
+    assert_dumped_dtb(&tables);
+
+    // The guest runs on the tree.
+    out.assert_check("devicetree");
+    assert_eq!(out.fact("devicetree.compatible"), "vmm,x86-virt");
+    let devices = out
+        .facts
+        .get("devicetree.device")
+        .cloned()
+        .unwrap_or_default();
+    println!("DT_DEVICES {devices:?}");
+    for (dev, driver) in [
+        ("d0000000.iommu", "virtio-mmio"),
+        ("d0001000.virtio_mmio", "virtio-mmio"),
+        ("d0002000.virtio_mmio", "virtio-mmio"),
+        ("3f8.serial", "of_serial"),
+        ("poweroff", "syscon-poweroff"),
+    ] {
+        assert!(
+            devices
+                .iter()
+                .any(|d| d.starts_with(&format!("{dev}:{driver}:"))),
+            "{dev} not bound to {driver}: {devices:?}"
+        );
+    }
+    assert!(
+        out.kmsg_has("Virtual Wire compatibility mode") && out.kmsg_has("IOAPIC[0]"),
+        "LAPIC/IOAPIC not taken from the tree\n{}",
+        out.transcript()
+    );
+    assert!(!out.kmsg_has("ACPI: VIOT"), "ACPI tables seen in DT mode");
+    assert_eq!(out.fact("cpus.nproc"), "2", "{}", out.transcript());
+    assert_eq!(out.fact("cpus.online"), "2", "{}", out.transcript());
+    out.assert_check("serial-irq");
+    let line = out.fact("serial-irq.line");
+    assert!(line.contains("IO-APIC") && line.contains("ttyS0"), "{line}");
+    assert_eq!(out.stat("/interrupts/userspace_injected"), 0);
+
+    // virtio-iommu bound from DT; only the disk with `iommus` is behind it.
+    assert!(
+        out.kmsg_has("virtio_iommu virtio0"),
+        "virtio-iommu did not bind\n{}",
+        out.transcript()
+    );
+    assert!(
+        out.kmsg_has("d0001000.virtio_mmio: Adding to iommu group"),
+        "the disk is in no IOMMU group\n{}",
+        out.transcript()
+    );
+    assert!(
+        !out.kmsg_has("deferred probe pending"),
+        "a device never probed\n{}",
+        out.transcript()
+    );
+    let groups = out
+        .facts
+        .get("iommu-groups.device")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        groups.iter().any(|g| g.contains(":d0001000.virtio_mmio:")),
+        "{groups:?}"
+    );
+    assert!(
+        !groups.iter().any(|g| g.contains("d0002000")),
+        "the iommu=off disk is in an IOMMU group: {groups:?}"
+    );
+    assert_eq!(out.fact("iommu-groups.devices"), "1");
+    assert_disk_written(&out, &disk);
+    let (map, unmap, attach) = (
+        out.stat("/iommu/requests/map/ok"),
+        out.stat("/iommu/requests/unmap/ok"),
+        out.stat("/iommu/requests/attach/ok"),
+    );
+    println!("IOMMU_COUNTS map={map} unmap={unmap} attach={attach}");
+    assert!(map > 0 && unmap > 0, "no MAP/UNMAP traffic: {map}/{unmap}");
+    assert_eq!(attach, 1, "only the first disk's endpoint attaches");
+    assert_eq!(out.stat("/iommu/faults"), 0, "endpoint DMA faulted");
+    assert_eq!(out.stat("/disks/0/errors"), 0);
+    assert_eq!(
+        out.stat("/disks/1/writes"),
+        0,
+        "nothing writes the bypass disk"
+    );
+}
+
 /// SIGTERM stops a running VM promptly with its own exit status and one line saying why.
 #[test]
 fn sigterm_stops_the_vmm_cleanly() {

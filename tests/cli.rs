@@ -145,3 +145,26 @@ fn truncated_bzimage_fails_to_load_without_panic() {
         "Cannot load the guest kernel",
     );
 }
+
+#[test]
+fn device_tree_cannot_describe_interrupt_remapping() {
+    for iommu in ["--iommu", "--iommu=on", "--iommu=intremap"] {
+        assert_one_line_error(
+            &["--kernel", &fake_bzimage(), "--firmware", "dt", iommu],
+            "--firmware dt cannot describe interrupt remapping",
+        );
+    }
+    let out = Command::new(vmm_binary())
+        .args(["--kernel", &fake_bzimage(), "--firmware=dt", "--iommu"])
+        .output()
+        .expect("run vmm");
+    assert_eq!(out.status.code(), Some(2), "a configuration error exits 2");
+}
+
+#[test]
+fn unknown_firmware() {
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--firmware", "uefi"],
+        "invalid value 'uefi'",
+    );
+}

@@ -185,6 +185,16 @@ impl GuestRun {
         }
     }
 
+    /// Describes the platform with a device tree instead of ACPI (`--firmware dt`; call it
+    /// after setting `args`). The guest gets `acpi=off` (Linux takes CPUs and the IOAPIC from
+    /// the tree only with ACPI disabled; the VMM writes no RSDP, this makes it explicit) and
+    /// `pci=off` (the tree has no PCI host bridge: no legacy PCI probing).
+    pub fn use_device_tree(&mut self) {
+        self.args.extend(["--firmware".to_owned(), "dt".to_owned()]);
+        self.cmdline
+            .extend(["acpi=off".to_owned(), "pci=off".to_owned()]);
+    }
+
     /// Boots the guest and waits for the VMM to exit (or kills it at the timeout).
     pub fn run(&self) -> GuestOutput {
         let mut cmd = Command::new(vmm_binary());

@@ -129,8 +129,10 @@ pub struct ZeroPageConfig {
     pub cmdline: (u64, usize),
     /// Initrd address and size, if any.
     pub initrd: Option<(u64, u64)>,
-    /// Physical address of the ACPI RSDP.
+    /// Physical address of the ACPI RSDP (0: none).
     pub rsdp_addr: u64,
+    /// Physical address of the first `setup_data` entry (0: none), for `hdr.setup_data`.
+    pub setup_data: u64,
 }
 
 /// Builds the zero page for the Linux 64-bit boot protocol (Documentation/arch/x86/boot.rst).
@@ -153,6 +155,7 @@ pub fn zero_page(cfg: &ZeroPageConfig) -> boot_params {
         params.hdr.ramdisk_size = size as u32;
     }
     params.acpi_rsdp_addr = cfg.rsdp_addr;
+    params.hdr.setup_data = cfg.setup_data;
     let map = e820_map(cfg.mem_size);
     for (slot, e) in params.e820_table.iter_mut().zip(map.iter()) {
         *slot = boot_e820_entry {
@@ -163,6 +166,22 @@ pub fn zero_page(cfg: &ZeroPageConfig) -> boot_params {
     }
     params.e820_entries = map.len().min(E820_MAX_ENTRIES) as u8;
     params
+}
+
+/// Size of `struct setup_data`'s header: `u64 next; u32 type; u32 len;`.
+pub const SETUP_DATA_HEADER_LEN: usize = 16;
+
+/// One `setup_data` entry (arch/x86/include/uapi/asm/setup_data.h), the last of its chain
+/// (`next` = 0): the header, then `payload`. `kind` is e.g.
+/// [`linux_loader::bootparam::SETUP_DTB`]. `None` if `payload` is longer than a `u32` length.
+pub fn setup_data_entry(kind: u32, payload: &[u8]) -> Option<Vec<u8>> {
+    let len = u32::try_from(payload.len()).ok()?;
+    let mut entry = Vec::with_capacity(SETUP_DATA_HEADER_LEN + payload.len());
+    entry.extend_from_slice(&0u64.to_le_bytes());
+    entry.extend_from_slice(&kind.to_le_bytes());
+    entry.extend_from_slice(&len.to_le_bytes());
+    entry.extend_from_slice(payload);
+    Some(entry)
 }
 
 /// The PVH start info plus its memory map and module list
@@ -279,6 +298,7 @@ mod tests {
             cmdline: (layout::CMDLINE_START, 12),
             initrd: Some((0x0f00_0000, 0x1234)),
             rsdp_addr: layout::ACPI_START,
+            setup_data: layout::SETUP_DATA_START,
         });
         let hdr = zp.hdr;
         assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
@@ -288,6 +308,7 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ zp.acpi_rsdp_addr }, layout::ACPI_START);
+        assert_eq!({ hdr.setup_data }, layout::SETUP_DATA_START);
         assert_eq!(zp.e820_entries, 3);
         let e = zp.e820_table[2];
         assert_eq!(
@@ -317,6 +338,16 @@ mod tests {
         let e = initrd_address(64 << 20, 63 << 20, 0x200_0000, u64::MAX).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooBig { .. }));
         assert!(initrd_address(64 << 20, u64::MAX, 0, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn setup_data_entry_is_header_then_payload() {
+        let e = setup_data_entry(linux_loader::bootparam::SETUP_DTB, &[0xd0, 0x0d, 0xfe]).unwrap();
+        assert_eq!(e.len(), SETUP_DATA_HEADER_LEN + 3);
+        assert_eq!(&e[..8], &[0; 8], "next = 0: last entry");
+        assert_eq!(u32::from_le_bytes(e[8..12].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(e[12..16].try_into().unwrap()), 3);
+        assert_eq!(&e[16..], &[0xd0, 0x0d, 0xfe]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! 0x0000_0000 - 0x0009_FBFF  low RAM: GDT, page tables, zero page / PVH info, cmdline
 //! 0x0009_FC00 - 0x000F_FFFF  reserved (EBDA, ACPI tables at 0xE_0000)
 //! 0x0010_0000 - 0xBFFF_FFFF  RAM (kernel at 1 MiB, initrd at the top of low RAM)
-//! 0xC000_0000 - 0xFFFF_FFFF  MMIO hole: PCI window, virtio-mmio windows, IOAPIC, DMAR, LAPIC
+//! 0xC000_0000 - 0xFFFF_FFFF  MMIO hole: PCI window, virtio-mmio windows, IOAPIC, DMAR,
+//!                            power-off register (device-tree mode), LAPIC
 //! 0x1_0000_0000 -            RAM above the hole
 //! ```
 
@@ -32,6 +33,12 @@ pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line we accept: Linux x86 `COMMAND_LINE_SIZE`.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// `setup_data` chain of the 64-bit boot protocol (`boot_params.hdr.setup_data`): in
+/// device-tree mode one `SETUP_DTB` entry, page-aligned in low RAM.
+pub const SETUP_DATA_START: u64 = 0x30000;
+/// Most bytes of the `setup_data` chain: Linux maps a `SETUP_DTB` entry with one
+/// `early_memremap`, at most 256 KiB (arch/x86/kernel/devicetree.c).
+pub const SETUP_DATA_MAX_SIZE: u64 = 0x40000;
 /// Start of the extended BIOS data area: low RAM ends here.
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables region (RSDP first): the legacy BIOS area, not RAM in the E820 map.
@@ -70,6 +77,10 @@ pub const IOAPIC_SIZE: u64 = 0x1000;
 pub const DMAR_START: u64 = 0xfed9_0000;
 /// Size of the remapping unit's register window.
 pub const DMAR_SIZE: u64 = 0x1000;
+/// MMIO power-off register page for device-tree guests (`syscon-poweroff`), right after DMAR.
+pub const POWEROFF_START: u64 = 0xfed9_1000;
+/// Size of the power-off register window.
+pub const POWEROFF_SIZE: u64 = 0x1000;
 /// Local APIC (in KVM) and the MSI doorbell window.
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// Size of the MSI doorbell window reserved in every endpoint's PROBE answer.
@@ -145,6 +156,18 @@ const _: () = assert!(ACPI_START >= EBDA_START && ACPI_START + ACPI_SIZE == HIME
 const _: () = assert!(SERIAL_IRQ < VIRTIO_IRQ_START && VIRTIO_IRQ_START < IOAPIC_PINS);
 const _: () = assert!(GSI_MSI_START == IOAPIC_PINS && GSI_MSI_END < 1024);
 const _: () = assert!(MIN_MEMORY < MMIO_HOLE_START && MAX_MEMORY > MMIO_HOLE_END);
+const _: () = assert!(
+    SETUP_DATA_START.is_multiple_of(0x1000)
+        && SETUP_DATA_START >= CMDLINE_START + CMDLINE_MAX_SIZE as u64
+        && SETUP_DATA_START + SETUP_DATA_MAX_SIZE <= EBDA_START
+);
+// The power-off page: outside the virtio-mmio area and the PCI windows, below the LAPIC.
+const _: () = assert!(
+    POWEROFF_START.is_multiple_of(0x1000)
+        && POWEROFF_START >= VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE
+        && POWEROFF_START >= PCI_ECAM_START + PCI_ECAM_SIZE
+        && POWEROFF_START + POWEROFF_SIZE <= LAPIC_START
+);
 
 #[cfg(test)]
 mod tests {
@@ -166,6 +189,7 @@ mod tests {
             (PDPTE_START, 0x1000),
             (PDE_START, 0x1000),
             (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
+            (SETUP_DATA_START, SETUP_DATA_MAX_SIZE),
         ];
         for (i, a) in regions.iter().enumerate() {
             assert!(a.0 + a.1 <= EBDA_START, "{a:x?} is above low RAM");
@@ -183,6 +207,7 @@ mod tests {
             (PCI_ECAM_START, PCI_ECAM_SIZE),
             (IOAPIC_START, IOAPIC_SIZE),
             (DMAR_START, DMAR_SIZE),
+            (POWEROFF_START, POWEROFF_SIZE),
             (LAPIC_START, MSI_WINDOW_SIZE),
         ];
         for (i, a) in regions.iter().enumerate() {

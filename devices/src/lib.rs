@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Device models for the VMM: the I/O bus, the userspace IOAPIC, a 16550 UART, ACPI power
-//! management and an i8042 reset stub.
+//! management, an MMIO power-off register (device-tree guests) and an i8042 reset stub.
 //!
 //! This crate has no KVM dependency, spawns no threads and opens no device nodes; the VMM
 //! wires the models to KVM.
@@ -32,7 +32,7 @@
 //!   IOAPIC never sets Remote IRR; EOIs ([`Ioapic::end_of_interrupt`]) are only counted.
 //!
 //! Port I/O and MMIO both dispatch through a [`Bus`] of [`BusDevice`]s. Power-off and reset
-//! requests from the guest ([`AcpiPm`], [`I8042`]) reach the VMM's event loop through an
+//! requests from the guest ([`AcpiPm`], [`PowerOff`] for device-tree guests, [`I8042`]) reach the VMM's event loop through an
 //! [`ExitSignal`].
 
 #![deny(missing_docs)]
@@ -44,6 +44,7 @@ pub mod interrupt;
 pub mod ioapic;
 pub mod marker;
 pub mod pm;
+pub mod poweroff;
 pub mod ratelimit;
 pub mod remap;
 pub mod serial;
@@ -56,5 +57,6 @@ pub use i8042::I8042;
 pub use interrupt::{CountingLine, InterruptLine, MsiMessage};
 pub use ioapic::{rte_to_msi, ChangedPins, Ioapic, IoapicSink, IoapicStats};
 pub use pm::{AcpiPm, PM_RESET_VALUE, PM_SLEEP_S5_VALUE};
+pub use poweroff::PowerOff;
 pub use remap::{RemapSink, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
 pub use serial::Serial;

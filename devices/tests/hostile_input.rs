@@ -195,6 +195,18 @@ fn legacy_devices_survive_random_port_traffic() {
     poke(&mut devices::AcpiPm::new(exit.clone()), &mut rng, 8, 5000);
     poke(&mut devices::I8042::new(exit.clone()), &mut rng, 8, 5000);
     let _ = exit.take();
+    // The MMIO power-off register: anywhere in (and past) its page, any width and value.
+    let mut poweroff = devices::PowerOff::new(exit.clone());
+    poke(&mut poweroff, &mut rng, 0x2000, 20_000);
+    for offset in [0, 1, 3, 4, 0xffc, 0xfff, u64::MAX - 3, u64::MAX] {
+        for width in [0, 1, 2, 3, 4, 8, 16] {
+            poweroff.write(offset, &vec![0x01; width]);
+            let mut data = vec![0xff; width];
+            poweroff.read(offset, &mut data);
+            assert!(data.iter().all(|&b| b == 0), "reads are always 0");
+        }
+    }
+    let _ = exit.take();
 }
 
 #[test]

@@ -5,6 +5,10 @@
 //! byte blobs with their guest-physical addresses, writes each one into guest memory and passes
 //! [`AcpiTables::rsdp_addr`] in the boot protocol (`boot_params.acpi_rsdp_addr`).
 //!
+//! For a device-tree boot it calls [`build_fdt`] on the same description instead: one DTB for
+//! the guest's `SETUP_DTB` entry, with the same CPUs, IOAPIC, serial port, virtio-mmio windows
+//! and endpoint IDs (the VIOT's IDs are the `iommus` specifiers).
+//!
 //! This crate knows nothing about KVM or device models; it only turns numbers into bytes.
 //! The encoding itself (AML, RSDP, XSDT, FADT, MADT, VIOT) comes from the rust-vmm
 //! `acpi_tables` crate; DMAR, which it lacks, is laid out here on top of `acpi_tables::sdt::Sdt`.
@@ -13,9 +17,11 @@
 #![forbid(unsafe_code)]
 
 mod acpi;
+pub mod fdt;
 
 pub use acpi::pm;
 pub use acpi::{build_acpi, AcpiError, AcpiTables, TableBlob, DEFAULT_IOAPIC_SOURCE_ID};
+pub use fdt::{build_fdt, FdtError, PowerOffDesc};
 
 /// Plain description of the platform the guest should see; no KVM or device types.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -26,6 +26,15 @@ pub enum IommuMode {
     Off,
 }
 
+/// How the platform is described to the guest (`--firmware`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Firmware {
+    /// ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, VIOT, DMAR).
+    Acpi,
+    /// A device tree in a `SETUP_DTB` setup_data entry, no ACPI (the guest needs `acpi=off`).
+    Dt,
+}
+
 /// Command-line interface of `vmm`.
 #[derive(Debug, Parser)]
 #[command(
@@ -49,9 +58,13 @@ pub struct Cli {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub memory: u64,
-    /// Write every ACPI table as DIR/NAME.dat.
+    /// Write every ACPI table as DIR/NAME.dat (with `--firmware dt`: the DTB as DIR/vmm.dtb).
     #[arg(long, value_name = "DIR")]
     pub dump_tables: Option<PathBuf>,
+    /// Describe the platform with ACPI tables or with a device tree (`dt`: 64-bit boot
+    /// protocol with a SETUP_DTB entry, no ACPI; no interrupt remapping).
+    #[arg(long, value_name = "acpi|dt", value_enum, default_value = "acpi")]
+    pub firmware: Firmware,
     /// Put devices behind the IOMMU: `on` (DMA translation and interrupt remapping), `dma` or
     /// `intremap`.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
@@ -135,8 +148,10 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Memory in bytes.
     pub mem_size: u64,
-    /// Where to dump ACPI tables.
+    /// Where to dump ACPI tables (or the DTB).
     pub dump_tables: Option<PathBuf>,
+    /// ACPI tables or a device tree.
+    pub firmware: Firmware,
     /// DMA translation through the virtio-iommu.
     pub iommu_dma: bool,
     /// Interrupt remapping.
@@ -216,6 +231,9 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
+    /// Interrupt remapping asked for with a device tree, which cannot describe it.
+    #[error("--firmware dt cannot describe interrupt remapping (it needs ACPI DMAR): use --iommu=dma or --firmware acpi")]
+    DtRemapping,
     /// Command line too long.
     #[error("--cmdline is {len} bytes; the limit is {max}")]
     Cmdline {
@@ -333,6 +351,10 @@ impl VmConfig {
         }
         let mode = cli.iommu.unwrap_or(IommuMode::Off);
         let iommu_dma = matches!(mode, IommuMode::On | IommuMode::Dma);
+        let iommu_intremap = matches!(mode, IommuMode::On | IommuMode::Intremap);
+        if cli.firmware == Firmware::Dt && iommu_intremap {
+            return Err(ConfigError::DtRemapping);
+        }
         let max_disks = (layout::IOAPIC_PINS - layout::VIRTIO_IRQ_START - 1) as usize;
         if cli.disk.len() > max_disks {
             return Err(ConfigError::TooManyDisks {
@@ -353,9 +375,10 @@ impl VmConfig {
             cpus: cli.cpus,
             mem_size: cli.memory << 20,
             dump_tables: cli.dump_tables,
+            firmware: cli.firmware,
             iommu_dma,
             disks,
-            iommu_intremap: matches!(mode, IommuMode::On | IommuMode::Intremap),
+            iommu_intremap,
             stats: cli.stats,
             stats_json: cli.stats_json,
         })
@@ -418,6 +441,29 @@ mod tests {
         assert!(c.iommu_dma && !c.iommu_intremap);
         let c = parse(&["vmm", "--kernel", k, "--iommu=intremap"]).unwrap();
         assert!(!c.iommu_dma && c.iommu_intremap);
+    }
+
+    #[test]
+    fn firmware_defaults_to_acpi_and_dt_refuses_interrupt_remapping() {
+        let k = temp_file("bz4", &bzimage());
+        let k = k.to_str().unwrap();
+        assert_eq!(
+            parse(&["vmm", "--kernel", k]).unwrap().firmware,
+            Firmware::Acpi
+        );
+        let c = parse(&["vmm", "--kernel", k, "--firmware", "dt", "--iommu=dma"]).unwrap();
+        assert_eq!(c.firmware, Firmware::Dt);
+        assert!(c.iommu_dma && !c.iommu_intremap);
+        for iommu in ["--iommu", "--iommu=on", "--iommu=intremap"] {
+            assert!(
+                matches!(
+                    parse(&["vmm", "--kernel", k, "--firmware=dt", iommu]),
+                    Err(ConfigError::DtRemapping)
+                ),
+                "{iommu}"
+            );
+        }
+        assert!(Cli::try_parse_from(["vmm", "--kernel", k, "--firmware", "uefi"]).is_err());
     }
 
     #[test]

@@ -372,6 +372,7 @@ mod tests {
             cpus: 2,
             mem_size: 256 << 20,
             dump_tables: None,
+            firmware: crate::config::Firmware::Acpi,
             iommu_dma: iommu,
             iommu_intremap: false,
             disks: disks

@@ -87,10 +87,14 @@ fn open(path: &PathBuf) -> Result<File, KernelError> {
 }
 
 /// Loads kernel, initrd and command line, and writes the zero page or the PVH start info.
+///
+/// With `setup_data` (the address of a `setup_data` chain, e.g. the device tree) the kernel is
+/// always entered through the 64-bit boot protocol, an ELF too: PVH has no setup_data.
 pub fn load(
     cfg: &VmConfig,
     mem: &GuestMemoryMmap,
     rsdp_addr: u64,
+    setup_data: Option<u64>,
 ) -> Result<BootEntry, KernelError> {
     let mut kernel = open(&cfg.kernel)?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
@@ -137,9 +141,9 @@ pub fn load(
         .map_err(KernelError::WriteCmdline)?;
     let cmdline_len = cfg.cmdline.len() + 1;
 
-    // PVH when the ELF has the note (it skips the decompressor and starts in 32-bit mode);
-    // otherwise the Linux 64-bit boot protocol.
-    if let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap {
+    // PVH when the ELF has the note (it skips the decompressor and starts in 32-bit mode) and
+    // no setup_data is needed; otherwise the Linux 64-bit boot protocol.
+    if let (PvhBootCapability::PvhEntryPresent(entry), None) = (result.pvh_boot_cap, setup_data) {
         let info = boot::pvh_info(cfg.mem_size, layout::CMDLINE_START, initrd, rsdp_addr);
         let mut params = BootParams::new(&info.start_info, GuestAddress(layout::PVH_INFO_START));
         params.set_sections(&info.memmap, GuestAddress(layout::PVH_MEMMAP_START));
@@ -176,6 +180,7 @@ pub fn load(
         cmdline: (layout::CMDLINE_START, cmdline_len),
         initrd,
         rsdp_addr,
+        setup_data: setup_data.unwrap_or(0),
     });
     let params = BootParams::new(&zp, GuestAddress(layout::ZERO_PAGE_START));
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)

@@ -7,6 +7,7 @@ pub mod config;
 pub mod device_manager;
 pub mod event_loop;
 pub mod fatal;
+pub mod fdt;
 pub mod interrupts;
 pub mod irq_routing;
 pub mod kernel;

@@ -21,9 +21,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::config::VmConfig;
+use crate::config::{Firmware, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
+use crate::fdt::{self, FdtSetupError};
 use crate::interrupts::{
     InterruptCounters, InterruptError, InterruptManager, InterruptStats, IrqfdLine, ParkedPoller,
 };
@@ -77,6 +78,9 @@ pub enum VmError {
     /// Dumping tables failed.
     #[error("Cannot write ACPI table dump {0}")]
     DumpTables(std::path::PathBuf, #[source] std::io::Error),
+    /// Device-tree setup failed.
+    #[error("Cannot set up the device tree")]
+    Fdt(#[source] FdtSetupError),
     /// Kernel loading failed.
     #[error("Cannot load the guest kernel")]
     Kernel(#[source] KernelError),
@@ -433,13 +437,23 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         u64::from(layout::MARKER_PORT_LEN),
     )
     .map_err(VmError::Bus)?;
+    if cfg.firmware == Firmware::Dt {
+        fdt::add_poweroff(&mut mmio, &power).map_err(VmError::Fdt)?;
+    }
 
     let mut dm =
         DeviceManager::new(cfg, &vm, &mem, &mut mmio, &interrupts).map_err(VmError::Devices)?;
 
-    // Firmware tables and kernel.
-    let rsdp = write_acpi(cfg, &dm, &mem)?;
-    let boot = kernel::load(cfg, &mem, rsdp).map_err(VmError::Kernel)?;
+    // Firmware tables (ACPI, or a device tree) and kernel.
+    let (rsdp, setup_data) = match cfg.firmware {
+        Firmware::Acpi => (write_acpi(cfg, &dm, &mem)?, None),
+        Firmware::Dt => {
+            let desc = platform(cfg, &dm);
+            let dtb = fdt::write(&desc, &mem, cfg.dump_tables.as_ref()).map_err(VmError::Fdt)?;
+            (0, Some(dtb))
+        }
+    };
+    let boot = kernel::load(cfg, &mem, rsdp, setup_data).map_err(VmError::Kernel)?;
     kernel::write_boot_tables(&mem, boot.protocol).map_err(VmError::Kernel)?;
 
     let mut counters = mark_counters(&interrupts, &mmio, &pio);

@@ -32,12 +32,12 @@ const OEM_REVISION: u32 = 1;
 /// APIC entries (ACPI 6.5 §5.2.12.2).
 const MAX_CPUS: u32 = 254;
 /// Local APIC base, also the MSI doorbell window (1 MiB).
-const LAPIC_ADDR: u32 = 0xFEE0_0000;
-const LAPIC_WINDOW_SIZE: u64 = 0x10_0000;
+pub(crate) const LAPIC_ADDR: u32 = 0xFEE0_0000;
+pub(crate) const LAPIC_WINDOW_SIZE: u64 = 0x10_0000;
 /// Size of the IOAPIC and DMAR register pages.
-const REG_PAGE_SIZE: u64 = 0x1000;
+pub(crate) const REG_PAGE_SIZE: u64 = 0x1000;
 /// I/O ports used by a 16550 UART.
-const SERIAL_IO_LEN: u16 = 8;
+pub(crate) const SERIAL_IO_LEN: u16 = 8;
 
 /// Errors from [`build_acpi`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -228,7 +228,8 @@ fn place(start: u64, size: u64, sizes: &[u64]) -> Result<Vec<u64>, AcpiError> {
     }
 }
 
-fn validate(desc: &PlatformDescription) -> Result<(), AcpiError> {
+/// Checks `desc` for consistency; the device-tree builder applies the same rules.
+pub(crate) fn validate(desc: &PlatformDescription) -> Result<(), AcpiError> {
     if desc.num_cpus == 0 || desc.num_cpus > MAX_CPUS {
         return Err(AcpiError::InvalidCpuCount(desc.num_cpus));
     }

@@ -31,6 +31,7 @@ pub fn run(ctx: &Ctx, name: &str) -> CheckResult {
         "shell" => guest_only(ctx, shell),
         "sleep" => sleep(ctx),
         "irq-affinity" => guest_only(ctx, irq_affinity),
+        "devicetree" => devicetree(),
         _ => Err("unknown check".to_string()),
     }
 }
@@ -243,6 +244,79 @@ fn iommu_groups() -> CheckResult {
     Ok(())
 }
 
+/// `devicetree`: the kernel has a device tree (/sys/firmware/devicetree/base). Facts: the root
+/// `compatible`, and per platform device created from a DT node
+/// `device=<name>:<driver or ->:<block devices below it, comma-separated>`.
+fn devicetree() -> CheckResult {
+    let base = "/sys/firmware/devicetree/base";
+    if !std::path::Path::new(base).is_dir() {
+        return Err(format!(
+            "{base} does not exist: the kernel has no device tree"
+        ));
+    }
+    let compatible = fs::read(format!("{base}/compatible"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\0')
+                .replace('\0', " ")
+        })
+        .unwrap_or_default();
+    fact("devicetree", "compatible", compatible);
+    let root = "/sys/bus/platform/devices";
+    let mut names: Vec<String> = fs::read_dir(root)
+        .map_err(|e| format!("read {root}: {e}"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| std::path::Path::new(&format!("{root}/{n}/of_node")).exists())
+        .collect();
+    names.sort();
+    for name in names {
+        let driver = fs::read_link(format!("{root}/{name}/driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "-".to_string());
+        let blocks = block_devices_of(&format!("{root}/{name}")).join(",");
+        fact("devicetree", "device", format!("{name}:{driver}:{blocks}"));
+    }
+    Ok(())
+}
+
+/// Block devices of a virtio platform device: `<dev>/virtio*/block/*`.
+fn block_devices_of(dev: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in fs::read_dir(dev)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
+        if !v.file_name().to_string_lossy().starts_with("virtio") {
+            continue;
+        }
+        let dir = v.path().join("block");
+        for b in fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+        {
+            out.push(b.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `guest.disk`: a device path, or `of:<platform device>` for the block device of that
+/// virtio-mmio device (probe order decides `vda`/`vdb` when some devices wait for the IOMMU).
+fn disk_path(spec: &str) -> Result<String, String> {
+    let Some(dev) = spec.strip_prefix("of:") else {
+        return Ok(spec.to_string());
+    };
+    match block_devices_of(&format!("/sys/bus/platform/devices/{dev}")).first() {
+        Some(b) => Ok(format!("/dev/{b}")),
+        None => Err(format!("platform device {dev} has no block device")),
+    }
+}
+
 const DISK_CHUNK: usize = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
 
@@ -266,7 +340,8 @@ fn open_direct(dev: &str, write: bool) -> Result<File, String> {
 /// `disk`: writes the pattern (pattern.rs, `guest.disk_seed`) over the first `guest.disk_mib`
 /// MiB of `guest.disk` with O_DIRECT, syncs, drops the page cache and reads it back.
 fn disk(ctx: &Ctx) -> CheckResult {
-    let dev = ctx.cmdline.get("guest.disk").unwrap_or("/dev/vda");
+    let dev = disk_path(ctx.cmdline.get("guest.disk").unwrap_or("/dev/vda"))?;
+    let dev = dev.as_str();
     let mib = ctx.cmdline.get_u64("guest.disk_mib", 8)?;
     let seed = ctx.cmdline.get_u64("guest.disk_seed", 1)?;
     let len = mib << 20;
