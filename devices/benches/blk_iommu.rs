@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::block::{Block, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+use devices::virtio::driver_ring::DriverRing;
 use devices::virtio::iommu::protocol::*;
 use devices::virtio::iommu::{device::AVAIL_FEATURES, VirtioIommu};
 use devices::virtio::{device_memory, DeviceMemory, VirtioDevice, VirtioInterrupt};
 use devices::CountingLine;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 64 << 20;
 const BATCH: u16 = 64;
@@ -25,64 +25,6 @@ const DATA_AREA: u64 = 0x100_0000;
 /// IOVA where the data buffers are mapped when they are behind the IOMMU.
 const IOVA_BASE: u64 = 0x8000_0000;
 
-/// A minimal driver-side split ring: descriptor table, available and used rings 4 KiB apart.
-struct Ring {
-    base: u64,
-    size: u16,
-    next_desc: u16,
-    avail_idx: u16,
-}
-
-impl Ring {
-    fn new(base: u64, size: u16) -> Self {
-        Ring {
-            base,
-            size,
-            next_desc: 0,
-            avail_idx: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.base + 0x1000))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.base + 0x2000))
-            .unwrap();
-        q.set_ready(true);
-        q
-    }
-
-    /// Adds a chain of (address, length, device-writable) buffers.
-    fn push(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
-            let last = i + 1 == bufs.len();
-            let flags: u16 = (if write { 2 } else { 0 }) | (if last { 0 } else { 1 });
-            let next = (idx + 1) % self.size;
-            let d = GuestAddress(self.base + 16 * u64::from(idx));
-            mem.write_obj(addr, d).unwrap();
-            mem.write_obj(len, d.unchecked_add(8)).unwrap();
-            mem.write_obj(flags, d.unchecked_add(12)).unwrap();
-            mem.write_obj(if last { 0 } else { next }, d.unchecked_add(14))
-                .unwrap();
-        }
-        self.next_desc = (head + bufs.len() as u16) % self.size;
-        let slot = GuestAddress(self.base + 0x1000 + 4 + 2 * u64::from(self.avail_idx % self.size));
-        mem.write_obj(head, slot).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.base + 0x1000 + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.base + 0x2000 + 2)).unwrap()
-    }
-}
-
 fn interrupt() -> Arc<VirtioInterrupt> {
     Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::new())))
 }
@@ -90,7 +32,7 @@ fn interrupt() -> Arc<VirtioInterrupt> {
 /// The virtio-iommu with its request queue and a place for requests and replies.
 struct Iommu {
     dev: VirtioIommu,
-    ring: Ring,
+    ring: DriverRing,
     slot: u64,
 }
 
@@ -98,8 +40,8 @@ impl Iommu {
     fn new(mem: &GuestMemoryMmap) -> Self {
         let mut dev = VirtioIommu::new().unwrap();
         dev.ack_features(AVAIL_FEATURES);
-        let ring = Ring::new(IOMMU_RING, 256);
-        let event = Ring::new(IOMMU_RING + 0x4000, 16);
+        let ring = DriverRing::new(IOMMU_RING, 256);
+        let event = DriverRing::new(IOMMU_RING + 0x4000, 16);
         dev.activate(
             device_memory(mem.clone(), None),
             vec![ring.queue(), event.queue()],
@@ -185,7 +127,7 @@ fn run(mode: Mode, n: usize) -> f64 {
     let behind = mode != Mode::Physical;
     let dev_mem: DeviceMemory = device_memory(mem.clone(), behind.then(|| iommu.dev.endpoint(1)));
     let mut block = Block::new(file, false, "bench".into(), behind).unwrap();
-    let mut ring = Ring::new(BLK_RING, 256);
+    let mut ring = DriverRing::new(BLK_RING, 256);
     // Rings, headers and status bytes: guest-physical, or identity-mapped when translated.
     let iova = |phys: u64| if behind { IOVA_BASE + phys } else { phys };
     if mode == Mode::Premapped || mode == Mode::MapPerIo {

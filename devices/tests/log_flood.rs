@@ -14,6 +14,7 @@ use std::time::Instant;
 use devices::bus::BusDevice;
 use devices::ratelimit::{GuestLogFilter, BURST, REFILL_PER_SEC};
 use devices::virtio::block::Block;
+use devices::virtio::driver_ring::DriverRing;
 use devices::virtio::iommu::device::AVAIL_FEATURES;
 use devices::virtio::iommu::protocol::*;
 use devices::virtio::iommu::VirtioIommu;
@@ -21,8 +22,7 @@ use devices::virtio::mmio::MmioTransport;
 use devices::virtio::{device_memory, VirtioDevice, VirtioInterrupt};
 use devices::CountingLine;
 use log::{LevelFilter, Log, Metadata, Record};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Records that reached the logger's output.
 static LOGGED: AtomicUsize = AtomicUsize::new(0);
@@ -64,70 +64,6 @@ const CHAINS: usize = 10_000;
 const RING_SIZE: u16 = 256;
 const PER_KICK: usize = 128;
 
-/// A minimal driver-side split ring: descriptor table, available and used rings 4 KiB apart.
-struct Ring {
-    base: u64,
-    size: u16,
-    next_desc: u16,
-    avail_idx: u16,
-}
-
-impl Ring {
-    fn new(base: u64, size: u16) -> Self {
-        Ring {
-            base,
-            size,
-            next_desc: 0,
-            avail_idx: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.base + 0x1000))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.base + 0x2000))
-            .unwrap();
-        q.set_ready(true);
-        q
-    }
-
-    fn push(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
-            let last = i + 1 == bufs.len();
-            let flags: u16 = (if write { 2 } else { 0 }) | (if last { 0 } else { 1 });
-            let d = GuestAddress(self.base + 16 * u64::from(idx));
-            mem.write_obj(addr, d).unwrap();
-            mem.write_obj(len, d.unchecked_add(8)).unwrap();
-            mem.write_obj(flags, d.unchecked_add(12)).unwrap();
-            mem.write_obj(
-                if last { 0 } else { (idx + 1) % self.size },
-                d.unchecked_add(14),
-            )
-            .unwrap();
-        }
-        self.next_desc = (head + bufs.len() as u16) % self.size;
-        let slot = GuestAddress(self.base + 0x1000 + 4 + 2 * u64::from(self.avail_idx % self.size));
-        mem.write_obj(head, slot).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.publish(mem, self.avail_idx);
-    }
-
-    /// Writes the available index (a lying one makes virtio-queue log an error per pop).
-    fn publish(&self, mem: &GuestMemoryMmap, idx: u16) {
-        mem.write_obj(idx, GuestAddress(self.base + 0x1000 + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.base + 0x2000 + 2)).unwrap()
-    }
-}
-
 fn interrupt() -> Arc<VirtioInterrupt> {
     Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::new())))
 }
@@ -148,7 +84,7 @@ fn garbage_from_the_guest_is_processed_but_its_log_lines_are_rate_limited() {
     image.as_file().set_len(1 << 20).unwrap();
     let file = image.as_file().try_clone().unwrap();
     let mut block = Block::new(file, false, "flood".into(), false).unwrap();
-    let mut ring = Ring::new(BLK_RING, RING_SIZE);
+    let mut ring = DriverRing::new(BLK_RING, RING_SIZE);
     block
         .activate(
             device_memory(mem.clone(), None),
@@ -181,8 +117,8 @@ fn garbage_from_the_guest_is_processed_but_its_log_lines_are_rate_limited() {
     // since Linux ignores MAP statuses).
     let mut iommu = VirtioIommu::new().unwrap();
     iommu.ack_features(AVAIL_FEATURES);
-    let mut iring = Ring::new(IOMMU_RING, RING_SIZE);
-    let event = Ring::new(IOMMU_RING + 0x4000, 16);
+    let mut iring = DriverRing::new(IOMMU_RING, RING_SIZE);
+    let event = DriverRing::new(IOMMU_RING + 0x4000, 16);
     iommu
         .activate(
             device_memory(mem.clone(), None),

@@ -170,6 +170,8 @@ pub trait VirtioDevice: Send {
 }
 
 pub mod block;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod driver_ring;
 pub mod iommu;
 pub mod mmio;
 
