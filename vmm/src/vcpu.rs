@@ -27,7 +27,15 @@ pub enum VmExit {
     Fatal(String),
     /// The VMM got SIGINT or SIGTERM.
     Signal(i32),
+    /// The guest wrote this byte to the `--debug-exit` port.
+    DebugExit(u8),
+    /// `--timeout` expired (seconds).
+    Timeout(u64),
 }
+
+/// Exit status when `--timeout` stops the guest: `timeout(1)`'s, even (so no `--debug-exit`
+/// status `(v << 1) | 1` equals it) and below the 128+N of signals.
+pub const TIMEOUT_EXIT_CODE: i32 = 124;
 
 impl VmExit {
     /// The process exit code for this reason.
@@ -38,6 +46,8 @@ impl VmExit {
             VmExit::TripleFault { .. } => 4,
             VmExit::Fatal(_) => 5,
             VmExit::Signal(sig) => 128 + sig,
+            VmExit::DebugExit(v) => i32::from(devices::debug_exit::debug_exit_status(*v)),
+            VmExit::Timeout(_) => TIMEOUT_EXIT_CODE,
         }
     }
 
@@ -51,6 +61,13 @@ impl VmExit {
             VmExit::TripleFault { cpu } => format!("vCPU {cpu} triple-faulted (KVM_EXIT_SHUTDOWN)"),
             VmExit::Fatal(m) => m.clone(),
             VmExit::Signal(sig) => format!("stopped by signal {sig}"),
+            VmExit::DebugExit(v) => format!(
+                "guest wrote {v:#x} to the debug-exit port: exit status {}",
+                devices::debug_exit::debug_exit_status(*v)
+            ),
+            VmExit::Timeout(secs) => {
+                format!("--timeout: the guest was still running after {secs} s, stopped it")
+            }
         }
     }
 }

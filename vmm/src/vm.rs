@@ -13,7 +13,7 @@ use arch::layout;
 use arch::regs;
 use devices::marker::Marker;
 use devices::remap::{RemapStats, RemapUnit};
-use devices::{AcpiPm, Bus, ExitSignal, Ioapic, Serial, I8042};
+use devices::{AcpiPm, Bus, DebugExit, ExitSignal, Ioapic, Serial, I8042};
 use firmware_tables::{DmarDesc, IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -437,6 +437,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         u64::from(layout::MARKER_PORT_LEN),
     )
     .map_err(VmError::Bus)?;
+    if cfg.debug_exit {
+        pio.insert_named(
+            "debug-exit",
+            Arc::new(Mutex::new(DebugExit::new(power.clone()))),
+            u64::from(devices::debug_exit::DEBUG_EXIT_PORT),
+            devices::debug_exit::DEBUG_EXIT_PORT_LEN,
+        )
+        .map_err(VmError::Bus)?;
+    }
     if cfg.firmware == Firmware::Dt {
         fdt::add_poweroff(&mut mmio, &power).map_err(VmError::Fdt)?;
     }
@@ -492,8 +501,18 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
     let parked = Arc::new(Mutex::new(ParkedPoller::new(interrupts.clone())));
-    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power, parked)
-        .map_err(VmError::EventLoop);
+    let timeout = cfg
+        .timeout
+        .map(|after| event_loop::Timeout { after, started });
+    let reason = event_loop::run(
+        exit_wake,
+        exit_rx.clone(),
+        serial.clone(),
+        power,
+        parked,
+        timeout,
+    )
+    .map_err(VmError::EventLoop);
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
