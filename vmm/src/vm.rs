@@ -72,6 +72,9 @@ pub enum VmError {
     /// ACPI table generation failed.
     #[error("Cannot build ACPI tables")]
     Acpi(#[source] firmware_tables::AcpiError),
+    /// MP table generation failed.
+    #[error("Cannot build the MP table")]
+    Mptable(#[source] firmware_tables::MptableError),
     /// Writing the ACPI tables failed.
     #[error("Cannot write ACPI tables into guest memory")]
     WriteAcpi(#[source] vm_memory::GuestMemoryError),
@@ -285,6 +288,22 @@ fn write_acpi(cfg: &VmConfig, dm: &DeviceManager, mem: &GuestMemoryMmap) -> Resu
     Ok(tables.rsdp_addr)
 }
 
+/// Writes the MP table that agrees with the MADT (ACPI mode): Linux's search for one stops at
+/// [`layout::MPTABLE_START`] instead of scanning the BIOS area 16 bytes at a time.
+fn write_mptable(cfg: &VmConfig, dm: &DeviceManager, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    let bytes = firmware_tables::build_mptable(&platform(cfg, dm), layout::MPTABLE_START)
+        .map_err(VmError::Mptable)?;
+    debug_assert!(bytes.len() as u64 <= layout::MPTABLE_MAX_SIZE);
+    mem.write_slice(&bytes, GuestAddress(layout::MPTABLE_START))
+        .map_err(VmError::WriteAcpi)?;
+    log::debug!(
+        "mptable: wrote {} bytes at {:#x}",
+        bytes.len(),
+        layout::MPTABLE_START
+    );
+    Ok(())
+}
+
 fn configure_vcpu(
     kvm: &Kvm,
     vcpu: &VcpuFd,
@@ -455,7 +474,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
 
     // Firmware tables (ACPI, or a device tree) and kernel.
     let (rsdp, setup_data) = match cfg.firmware {
-        Firmware::Acpi => (write_acpi(cfg, &dm, &mem)?, None),
+        Firmware::Acpi => {
+            write_mptable(cfg, &dm, &mem)?;
+            (write_acpi(cfg, &dm, &mem)?, None)
+        }
         Firmware::Dt => {
             let desc = platform(cfg, &dm);
             let dtb = fdt::write(&desc, &mem, cfg.dump_tables.as_ref()).map_err(VmError::Fdt)?;
