@@ -108,6 +108,8 @@ pub struct VcpuContext {
     pub exit: ExitSender,
     /// Set when the VM stops; checked before each KVM_RUN.
     pub stop: Arc<AtomicBool>,
+    /// When the first vCPU first entered KVM_RUN (the VMM's start-up cost ends there).
+    pub first_run: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// What the run loop does after an exit.
@@ -200,6 +202,7 @@ pub fn run_vcpu(cpu: u32, mut fd: VcpuFd, ctx: VcpuContext) {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
+        ctx.first_run.get_or_init(std::time::Instant::now);
         let action = match fd.run() {
             Ok(VcpuExit::InternalError) => {
                 ExitAction::Stop(VmExit::Fatal(internal_error_details(cpu, &mut fd)))
@@ -253,6 +256,7 @@ mod tests {
             eoi: Arc::new(NoEoi),
             exit: ExitSender::new(tx, Arc::new(EventFd::new(0).unwrap())),
             stop: Arc::new(AtomicBool::new(false)),
+            first_run: Arc::default(),
         };
         (ctx, log)
     }

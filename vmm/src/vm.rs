@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ use crate::interrupts::{
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::marks::{CounterFn, MarkRecorder, MarkReport, RecorderSink};
+use crate::overhead::{self, Overhead};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
 /// `KVM_CAP_X2APIC_API` flags: 32-bit destination IDs in MSI routes and no broadcast quirk.
@@ -134,6 +135,8 @@ pub struct RunOutcome {
     pub exits: ExitCounts,
     /// Guest-written marks with counter snapshots, and the boot time.
     pub marks: MarkReport,
+    /// The VMM's own cost (start-up, memory, threads, CPU).
+    pub overhead: Overhead,
 }
 
 /// Exits that reached the VMM, per bus device.
@@ -490,6 +493,24 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let mut counters = mark_counters(&interrupts, &mmio, &pio);
     counters.extend(dm.mark_counters());
     marks.set_counters(counters);
+    // Guest RAM, excluded from the VMM's resident memory.
+    let guest_ram: Vec<(u64, u64)> = mem
+        .iter()
+        .filter_map(|r| {
+            r.get_host_address(vm_memory::MemoryRegionAddress(0))
+                .ok()
+                .map(|h| (h as u64, r.len()))
+        })
+        .collect();
+    let mid_boot: Arc<OnceLock<overhead::Sample>> = Arc::default();
+    {
+        let (mid_boot, guest_ram) = (mid_boot.clone(), guest_ram.clone());
+        marks.set_on_init(Box::new(move || {
+            if let Ok(s) = overhead::sample(&guest_ram) {
+                let _ = mid_boot.set(s);
+            }
+        }));
+    }
     // Clones share the exit counters.
     let (mmio_counts, pio_counts) = (mmio.clone(), pio.clone());
 
@@ -502,6 +523,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         eoi: router.clone(),
         exit: exit.clone(),
         stop: stop.clone(),
+        first_run: Arc::default(),
     };
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
@@ -535,6 +557,22 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         timeout,
     )
     .map_err(VmError::EventLoop);
+    // Sampled while every thread is still there.
+    let at_exit = overhead::sample(&guest_ram).ok();
+    let cpu = overhead::thread_cpu_ms().ok();
+    let mid = mid_boot.get().copied();
+    let overhead = Overhead {
+        first_kvm_run_ms: ctx
+            .first_run
+            .get()
+            .map(|t| t.duration_since(started).as_millis() as u64),
+        rss_mid_boot_kib: mid.map(|s| s.rss_kib),
+        threads_mid_boot: mid.map(|s| s.threads),
+        rss_exit_kib: at_exit.map(|s| s.rss_kib),
+        threads: at_exit.map(|s| s.threads),
+        cpu_vcpu_ms: cpu.map(|c| c.0),
+        cpu_vmm_ms: cpu.map(|c| c.1),
+    };
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
@@ -564,6 +602,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             pio_unclaimed: pio_counts.unclaimed(),
         },
         marks: marks.report(),
+        overhead,
     })
 }
 
@@ -594,6 +633,15 @@ fn mark_counters(
             Box::new(move || pick(&s).load(Ordering::Relaxed)),
         ));
     }
+    // CPU time of the VMM's threads (from /proc: no lock, a few µs per thread).
+    out.push((
+        "cpu_ms.vcpus".into(),
+        Box::new(|| overhead::thread_cpu_ms().map_or(0, |c| c.0)),
+    ));
+    out.push((
+        "cpu_ms.vmm".into(),
+        Box::new(|| overhead::thread_cpu_ms().map_or(0, |c| c.1)),
+    ));
     for (bus, prefix) in [(mmio, "mmio_exits"), (pio, "pio_exits")] {
         for (name, n) in bus.exit_counters() {
             out.push((

@@ -142,4 +142,15 @@ fn timeout_stops_a_guest_that_never_powers_off() {
     assert!(stderr.contains("--timeout"), "{stderr}");
     let json = std::fs::read_to_string(&stats).unwrap();
     assert!(json.contains("\"exit_code\":124"), "{json}");
+    // The overhead figures: start-up to the first KVM_RUN, RSS without guest RAM, threads.
+    for key in ["first_kvm_run_ms", "rss_exit_kib", "threads", "cpu_vmm_ms"] {
+        let at = json
+            .find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("{key}: {json}"));
+        let v: String = json[at + key.len() + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert!(!v.is_empty(), "{key} is not a number: {json}");
+    }
 }
