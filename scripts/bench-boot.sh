@@ -48,10 +48,10 @@ cmd_for() {
   case $vmm in
     vmm|vmm-base)
       local bin=$vmm_bin
-      [[ $vmm == vmm-base ]] && bin=$VMM_BASE_BIN
+      if [[ $vmm == vmm-base ]]; then bin=$VMM_BASE_BIN; fi
       cmd=("$bin" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio" --cpus "$cpus"
         --memory 256 --cmdline "$cmdline" --stats-json "$work/$vmm-$cfg.json")
-      [[ $cfg == iommu ]] && cmd+=(--iommu --disk "$disk")
+      if [[ $cfg == iommu ]]; then cmd+=(--iommu --disk "$disk"); fi
       ;;
     qemu)
       # q35 with an Intel vendor: QEMU's qemu64 model is AMD without XSAVEERPTR, which makes
@@ -59,14 +59,15 @@ cmd_for() {
       cmd=(qemu-system-x86_64 -enable-kvm -M q35 -cpu qemu64,vendor=GenuineIntel,+x2apic,-cx16
         -m 256 -smp "$cpus" -nodefaults -vga none -display none -serial stdio -monitor none
         -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" -append "$cmdline")
-      [[ $cfg == iommu ]] && cmd+=(-device virtio-iommu-pci
-        -drive "file=$disk,if=none,id=d0,format=raw,cache=none"
-        -device virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on)
+      if [[ $cfg == iommu ]]; then
+        cmd+=(-device virtio-iommu-pci -drive "file=$disk,if=none,id=d0,format=raw,cache=none"
+          -device virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on)
+      fi
       ;;
     ch)
       cmd=("$CH_BIN" --kernel "$guest/vmlinux" --initramfs "$guest/initramfs.cpio"
         --cmdline "$cmdline" --cpus "boot=$cpus" --memory size=256M --serial tty --console off)
-      [[ $cfg == iommu ]] && cmd+=(--disk "path=$disk,iommu=on")
+      if [[ $cfg == iommu ]]; then cmd+=(--disk "path=$disk,iommu=on"); fi
       ;;
   esac
 }
