@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# Boot-time benchmark: boots the test guest N times (default 3) with our vmm and, if
-# qemu-system-x86_64 is installed (apt-get install qemu-system-x86), with QEMU on the same
-# kernel, initramfs and command line, alternating so both see the same host load. Prints
-# the time from VMM start to the guest's GUEST_INIT_REACHED marker and to power-off, and the
-# medians. Timings on a PVM host are only meaningful as ratios within one run.
+# Boot-time benchmark: boots the test guest N rounds (default 3) with our vmm and, in the same
+# run, with QEMU (when qemu-system-x86_64 is installed: apt-get install qemu-system-x86) and
+# Cloud Hypervisor (when CH_BIN points at a cloud-hypervisor binary), alternating VMMs in each
+# round so all see the same host load. Two configurations (CONFIGS, default "bare iommu"):
+#   bare   1 guest, no IOMMU, no disk
+#   iommu  vmm: --iommu --disk (virtio-iommu + interrupt remapping, the disk behind it);
+#          QEMU: virtio-iommu-pci + virtio-blk-pci (iommu_platform=on); CH: --disk ...,iommu=on
+# Prints, per configuration and VMM, the time from VMM start to the guest's GUEST_INIT_REACHED
+# line (measured the same way for every VMM, from the host), to exit, the medians, and the
+# ratios to QEMU and CH. For vmm also the VMM's own figures from --stats-json: boot_to_init_ms
+# (VMM start -> the guest's init mark), first_kvm_run_ms, RSS without guest RAM, threads.
+# VMM_BASE_BIN=path adds a row for another vmm build (e.g. before a change), same arguments.
+# Timings on a PVM host are only meaningful as ratios within one run.
 #   scripts/bench-boot.sh [N] [CPUS]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 n="${1:-3}"
 cpus="${2:-1}"
+configs="${CONFIGS:-bare iommu}"
 guest="$(bash resources/guest/build.sh | tail -n1)"
 cargo build --release --bin vmm >&2
+vmm_bin="${VMM_BIN:-$root/target/release/vmm}"
 cmdline="console=ttyS0 panic=-1 guest.checks=cpus"
 [[ -e /sys/module/kvm_pvm ]] && cmdline+=" $(cat "$guest/cmdline-pvm.txt")"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+disk="$work/disk.img"
+truncate -s 64M "$disk"
 
-# Runs a command, prints "<seconds to GUEST_INIT_REACHED> <seconds to exit>".
+# measure CMD...: prints "<ms to GUEST_INIT_REACHED> <ms to exit>", host-side.
 measure() {
   local start init=""
   start=$(date +%s%N)
@@ -28,33 +42,76 @@ measure() {
   printf '%s %s\n' "${init:-NaN}" "$total"
 }
 
-vmm_cmd=("$root/target/release/vmm" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio"
-  --cpus "$cpus" --memory 256 --cmdline "$cmdline")
-qemu_cmd=()
-if command -v qemu-system-x86_64 >/dev/null; then
-  # As in shared/design/host-pvm.md: q35, Intel vendor (QEMU's qemu64 model is AMD without
-  # XSAVEERPTR otherwise), PVH boot of the same vmlinux.
-  qemu_cmd=(qemu-system-x86_64 -enable-kvm -M q35 -cpu qemu64,vendor=GenuineIntel,+x2apic,-cx16
-    -m 256 -smp "$cpus" -nodefaults -vga none -display none -serial stdio -monitor none -no-reboot
-    -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" -append "$cmdline")
-fi
+# cmd_for VMM CONFIG: fills the array `cmd`.
+cmd_for() {
+  local vmm=$1 cfg=$2
+  case $vmm in
+    vmm|vmm-base)
+      local bin=$vmm_bin
+      if [[ $vmm == vmm-base ]]; then bin=$VMM_BASE_BIN; fi
+      cmd=("$bin" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio" --cpus "$cpus"
+        --memory 256 --cmdline "$cmdline" --stats-json "$work/$vmm-$cfg.json")
+      if [[ $cfg == iommu ]]; then cmd+=(--iommu --disk "$disk"); fi
+      ;;
+    qemu)
+      # q35 with an Intel vendor: QEMU's qemu64 model is AMD without XSAVEERPTR, which makes
+      # this guest take an FPU path the PVM emulator cannot run (resources/guest/README.md).
+      cmd=(qemu-system-x86_64 -enable-kvm -M q35 -cpu qemu64,vendor=GenuineIntel,+x2apic,-cx16
+        -m 256 -smp "$cpus" -nodefaults -vga none -display none -serial stdio -monitor none
+        -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" -append "$cmdline")
+      if [[ $cfg == iommu ]]; then
+        cmd+=(-device virtio-iommu-pci -drive "file=$disk,if=none,id=d0,format=raw,cache=none"
+          -device virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on)
+      fi
+      ;;
+    ch)
+      cmd=("$CH_BIN" --kernel "$guest/vmlinux" --initramfs "$guest/initramfs.cpio"
+        --cmdline "$cmdline" --cpus "boot=$cpus" --memory size=256M --serial tty --console off)
+      if [[ $cfg == iommu ]]; then cmd+=(--disk "path=$disk,iommu=on"); fi
+      ;;
+  esac
+}
 
-declare -a vi vt qi qt
+vmms=(vmm)
+[[ -n "${VMM_BASE_BIN:-}" ]] && vmms+=(vmm-base)
+command -v qemu-system-x86_64 >/dev/null && vmms+=(qemu)
+[[ -n "${CH_BIN:-}" ]] && vmms+=(ch)
+
+declare -A init_ms exit_ms own
 for ((i = 1; i <= n; i++)); do
-  read -r a b < <(measure "${vmm_cmd[@]}"); vi+=("$a"); vt+=("$b")
-  echo "run $i vmm:  init ${a} ms, exit ${b} ms" >&2
-  if ((${#qemu_cmd[@]})); then
-    read -r a b < <(measure "${qemu_cmd[@]}"); qi+=("$a"); qt+=("$b")
-    echo "run $i qemu: init ${a} ms, exit ${b} ms" >&2
-  fi
+  for cfg in $configs; do
+    for v in "${vmms[@]}"; do
+      cmd_for "$v" "$cfg"
+      read -r a b < <(measure "${cmd[@]}")
+      init_ms[$v.$cfg]+="$a "
+      exit_ms[$v.$cfg]+="$b "
+      if [[ $v == vmm* && -s "$work/$v-$cfg.json" ]]; then
+        own[$v.$cfg]+="$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); o=j.get("overhead") or {}
+print("{},{},{},{},{}".format(j.get("boot_to_init_ms"), o.get("first_kvm_run_ms"), o.get("rss_mid_boot_kib"), o.get("rss_exit_kib"), o.get("threads")))' "$work/$v-$cfg.json") "
+      fi
+      echo "round $i $cfg $v: init ${a} ms, exit ${b} ms" >&2
+    done
+  done
 done
 
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf '\n| VMM | vCPUs | runs | init (ms) each | median init (s) | median exit (s) |\n|---|---|---|---|---|---|\n'
-printf '| vmm | %s | %s | %s | %.1f | %.1f |\n' "$cpus" "$n" "${vi[*]}" \
-  "$(echo "$(median "${vi[@]}") / 1000" | bc -l)" "$(echo "$(median "${vt[@]}") / 1000" | bc -l)"
-if ((${#qi[@]})); then
-  printf '| qemu | %s | %s | %s | %.1f | %.1f |\n' "$cpus" "$n" "${qi[*]}" \
-    "$(echo "$(median "${qi[@]}") / 1000" | bc -l)" "$(echo "$(median "${qt[@]}") / 1000" | bc -l)"
-  printf '\nratio vmm/qemu (median init): %.2f\n' "$(echo "$(median "${vi[@]}") / $(median "${qi[@]}")" | bc -l)"
+median() { printf '%s\n' "$@" | grep -v NaN | sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "NaN"}'; }
+ratio() { [[ $1 == NaN || $2 == NaN ]] && echo n/a || echo "$1 $2" | awk '{printf "%.2f", $1 / $2}'; }
+echo
+echo "| config | VMM | vCPUs | runs | init (ms) each | median init (s) | median exit (s) | init / qemu | init / ch |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for cfg in $configs; do
+  q=NaN; c=NaN
+  [[ -n "${init_ms[qemu.$cfg]:-}" ]] && q=$(median ${init_ms[qemu.$cfg]})
+  [[ -n "${init_ms[ch.$cfg]:-}" ]] && c=$(median ${init_ms[ch.$cfg]})
+  for v in "${vmms[@]}"; do
+    # shellcheck disable=SC2086 # word splitting of the space-separated samples is intended
+    mi=$(median ${init_ms[$v.$cfg]}); me=$(median ${exit_ms[$v.$cfg]})
+    printf '| %s | %s | %s | %s | %s| %s | %s | %s | %s |\n' "$cfg" "$v" "$cpus" "$n" \
+      "${init_ms[$v.$cfg]}" "$(ratio "$mi" 1000)" "$(ratio "$me" 1000)" "$(ratio "$mi" "$q")" "$(ratio "$mi" "$c")"
+  done
+done
+if ((${#own[@]})); then
+  echo
+  echo "VMM-measured (--stats-json), each run: boot_to_init_ms,first_kvm_run_ms,rss_mid_boot_kib,rss_exit_kib,threads"
+  for k in "${!own[@]}"; do echo "  $k: ${own[$k]}"; done
 fi

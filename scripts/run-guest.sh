@@ -17,7 +17,7 @@ disk="${XDG_CACHE_HOME:-$HOME/.cache}/vmm-guest/scratch-disk.img"
 
 cmdline="console=ttyS0 panic=-1 guest.checks=${GUEST_CHECKS:-cpus,serial-irq,iommu-groups,disk}"
 # On a PVM host (KVM without VMX/SVM) the guest kernel needs emul_quirks and clearcpuid=...;
-# see shared/design/host-pvm.md. On a real KVM host nothing is added.
+# see "The PVM host" in resources/guest/README.md. On a real KVM host nothing is added.
 if [[ -e /sys/module/kvm_pvm ]]; then
   cmdline+=" $(cat "$guest/cmdline-pvm.txt")"
 fi

@@ -4,7 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
-pkgs=(acpica-tools device-tree-compiler)
+pkgs=(acpica-tools device-tree-compiler gnuplot-nox)
 while read -r p; do
   [[ -z "$p" || "$p" == \#* ]] || pkgs+=("$p")
 done < "$root/resources/guest/host-packages.txt"
@@ -20,5 +20,22 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" apt-get update -q >&2
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${missing[@]}" >&2
 fi
-command -v cargo >/dev/null || { echo "setup-host: cargo (Rust toolchain) is required" >&2; exit 1; }
-[[ -e /dev/kvm ]] || echo "setup-host: WARNING: /dev/kvm is missing; the VMM and its KVM tests need it" >&2
+# The guest recipe builds fio from Debian's source package: apt needs a deb-src entry. Mirror
+# debian.sources (Debian 12's deb822 file) with Types: deb-src, once.
+if ! apt-cache showsrc fio 2>/dev/null | grep -q '^Version:'; then
+  src=/etc/apt/sources.list.d/debian.sources dst=/etc/apt/sources.list.d/deb-src.sources
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  if [[ ! -e $dst ]]; then
+    [[ -r $src ]] || { echo "setup-host: cannot add a deb-src entry: $src not found; add one for fio by hand" >&2; exit 1; }
+    echo "setup-host: adding $dst (deb-src mirror of $src) for apt-get source fio" >&2
+    sed 's/^Types:.*/Types: deb-src/' "$src" | "${sudo_cmd[@]}" tee "$dst" >/dev/null
+  fi
+  "${sudo_cmd[@]}" apt-get update -q >&2
+fi
+command -v cargo >/dev/null || { echo "setup-host: cargo (Rust toolchain) is required: install rustup (https://rustup.rs); rust-toolchain.toml picks the channel and components" >&2; exit 1; }
+if [[ ! -e /dev/kvm ]]; then
+  echo "setup-host: WARNING: /dev/kvm is missing; the VMM and its KVM tests need it (enable virtualization, load kvm_intel/kvm_amd)" >&2
+elif [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+  echo "setup-host: WARNING: $(id -un) cannot open /dev/kvm ($(stat -c '%U:%G %a' /dev/kvm)): add yourself to its group, e.g. 'sudo usermod -aG $(stat -c %G /dev/kvm) $(id -un)', then log in again (or 'newgrp $(stat -c %G /dev/kvm)')" >&2
+fi

@@ -168,3 +168,19 @@ fn unknown_firmware() {
         "invalid value 'uefi'",
     );
 }
+
+#[test]
+fn zero_timeout() {
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--timeout", "0"],
+        "--timeout must be at least 1 second",
+    );
+}
+
+#[test]
+fn timeout_not_a_number() {
+    assert_one_line_error(
+        &["--kernel", &fake_bzimage(), "--timeout", "5s"],
+        "invalid value '5s' for '--timeout <SECS>'",
+    );
+}

@@ -57,7 +57,7 @@ pub struct GuestImage {
 }
 
 /// Whether this host's KVM is PVM (guest kernel code runs in KVM's emulator and needs the
-/// `emul_quirks` command line; see shared/design/host-pvm.md).
+/// `emul_quirks` command line; see "The PVM host" in resources/guest/README.md).
 pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }

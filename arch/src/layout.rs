@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0000 - 0x0009_FBFF  low RAM: GDT, page tables, zero page / PVH info, cmdline
-//! 0x0009_FC00 - 0x000F_FFFF  reserved (EBDA, ACPI tables at 0xE_0000)
+//! 0x0009_FC00 - 0x000F_FFFF  reserved (MP table at 0x9_FC00, ACPI tables at 0xE_0000)
 //! 0x0010_0000 - 0xBFFF_FFFF  RAM (kernel at 1 MiB, initrd at the top of low RAM)
 //! 0xC000_0000 - 0xFFFF_FFFF  MMIO hole: PCI window, virtio-mmio windows, IOAPIC, DMAR,
 //!                            power-off register (device-tree mode), LAPIC
@@ -41,6 +41,12 @@ pub const SETUP_DATA_START: u64 = 0x30000;
 pub const SETUP_DATA_MAX_SIZE: u64 = 0x40000;
 /// Start of the extended BIOS data area: low RAM ends here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// MP table (floating pointer, then the configuration table; `firmware_tables::mptable`):
+/// at 639 KiB, the second place Linux scans, so its scan stops there. Reserved in the E820
+/// map (from [`EBDA_START`]); at most [`MPTABLE_MAX_SIZE`] bytes, below the ACPI tables.
+pub const MPTABLE_START: u64 = 639 * 1024;
+/// Largest MP table: 16 + 44 + 20 per vCPU (254) + 8 per bus, IOAPIC, 24 pins, 2 LINTs.
+pub const MPTABLE_MAX_SIZE: u64 = 16 + 44 + 20 * 254 + 8 * 28;
 /// ACPI tables region (RSDP first): the legacy BIOS area, not RAM in the E820 map.
 pub const ACPI_START: u64 = 0xe0000;
 /// Size of the ACPI tables region.
@@ -153,6 +159,8 @@ pub fn virtio_mmio_irq(index: u32) -> Option<u32> {
 const _: () =
     assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(ACPI_START >= EBDA_START && ACPI_START + ACPI_SIZE == HIMEM_START);
+const _: () =
+    assert!(MPTABLE_START == EBDA_START && MPTABLE_START + MPTABLE_MAX_SIZE <= ACPI_START);
 const _: () = assert!(SERIAL_IRQ < VIRTIO_IRQ_START && VIRTIO_IRQ_START < IOAPIC_PINS);
 const _: () = assert!(GSI_MSI_START == IOAPIC_PINS && GSI_MSI_END < 1024);
 const _: () = assert!(MIN_MEMORY < MMIO_HOLE_START && MAX_MEMORY > MMIO_HOLE_END);

@@ -19,6 +19,8 @@ pub enum ExitRequest {
     PowerOff,
     /// Reset the machine.
     Reset,
+    /// The guest wrote this byte to the debug-exit port ([`crate::debug_exit`]).
+    DebugExit(u8),
 }
 
 /// Errors from creating an [`ExitSignal`].
@@ -55,12 +57,12 @@ impl ExitSignal {
 
     /// Records `request` and wakes the event loop.
     ///
-    /// A pending [`ExitRequest::PowerOff`] is never replaced by a later
-    /// [`ExitRequest::Reset`]: powering off is final.
+    /// A pending [`ExitRequest::PowerOff`] or [`ExitRequest::DebugExit`] is final: a later
+    /// request never replaces it (a reset may be replaced by either).
     pub fn request(&self, request: ExitRequest) {
         {
             let mut pending = self.pending();
-            if *pending != Some(ExitRequest::PowerOff) {
+            if matches!(*pending, None | Some(ExitRequest::Reset)) {
                 *pending = Some(request);
             }
         }
@@ -131,6 +133,15 @@ mod tests {
         signal.request(ExitRequest::PowerOff);
         signal.request(ExitRequest::Reset);
         assert_eq!(signal.take(), Some(ExitRequest::PowerOff));
+    }
+
+    #[test]
+    fn debug_exit_is_final_too() {
+        let signal = ExitSignal::new().unwrap();
+        signal.request(ExitRequest::Reset);
+        signal.request(ExitRequest::DebugExit(3));
+        signal.request(ExitRequest::PowerOff);
+        assert_eq!(signal.take(), Some(ExitRequest::DebugExit(3)));
     }
 
     #[test]

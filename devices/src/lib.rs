@@ -38,6 +38,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod debug_exit;
 pub mod exit;
 pub mod i8042;
 pub mod interrupt;
@@ -52,6 +53,7 @@ pub mod sync;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use debug_exit::DebugExit;
 pub use exit::{ExitRequest, ExitSignal, ExitSignalError};
 pub use i8042::I8042;
 pub use interrupt::{CountingLine, InterruptLine, MsiMessage};

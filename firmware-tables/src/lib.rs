@@ -18,10 +18,12 @@
 
 mod acpi;
 pub mod fdt;
+pub mod mptable;
 
 pub use acpi::pm;
 pub use acpi::{build_acpi, AcpiError, AcpiTables, TableBlob, DEFAULT_IOAPIC_SOURCE_ID};
 pub use fdt::{build_fdt, FdtError, PowerOffDesc};
+pub use mptable::{build_mptable, MptableError};
 
 /// Plain description of the platform the guest should see; no KVM or device types.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -28,10 +28,10 @@ WORK=$CACHE/work
 LOGS=$WORK/logs
 LINUX_TARBALL=/usr/src/linux-source-6.12.tar.xz
 RUST_TARGET=x86_64-unknown-linux-gnu
-# Extra guest cmdline this PVM host needs (host-pvm.md, "Kernel cmdline"). Not for real KVM.
+# Extra guest cmdline this PVM host needs (README.md beside this file, "The PVM host"). Not for real KVM.
 declare -A ARTIFACT_KEYS
 CMDLINE_PVM='emul_quirks clearcpuid=xsave,cx16,fsgsbase,invpcid,smap,popcnt,rdrand,rdseed'
-# kernel.config asks for these =n, but other symbols select them (host-pvm.md).
+# kernel.config asks for these =n, but other symbols select them (README.md).
 KCONFIG_SELECTED_BY_OTHERS=(DEBUG_KERNEL PERF_EVENTS MICROCODE)
 # busybox is only for interactive debugging (guest.checks=shell); tests never use it.
 BUSYBOX_APPLETS=(sh ash cat cp dd df dmesg echo env find free grep head hexdump kill less ln ls
@@ -78,15 +78,20 @@ ensure_fio_source_listed() {
     FIO_SRC_VER=$(fio_source_version)
     [[ -n $FIO_SRC_VER ]] && return 0
     local src=/etc/apt/sources.list.d/debian.sources dst=/etc/apt/sources.list.d/deb-src.sources
-    [[ $(id -u) == 0 ]] || die "no deb-src entry for fio; as root, add $dst (Types: deb-src) and apt-get update"
+    # scripts/setup-host.sh adds the entry first; this is for build.sh run on its own.
+    local sudo_cmd=()
+    if [[ $(id -u) != 0 ]]; then
+        sudo -n true 2>/dev/null || die "no deb-src entry for fio: run scripts/setup-host.sh (it adds $dst with sudo)"
+        sudo_cmd=(sudo -n)
+    fi
     if [[ ! -e $dst ]]; then
         [[ -r $src ]] || die "cannot add a deb-src entry: $src not found"
         log "adding $dst (deb-src mirror of $src)"
-        sed 's/^Types:.*/Types: deb-src/' "$src" >"$dst.tmp" && mv "$dst.tmp" "$dst"
+        sed 's/^Types:.*/Types: deb-src/' "$src" | "${sudo_cmd[@]}" tee "$dst" >/dev/null
     fi
     mkdir -p "$LOGS"
     log "apt-get update (for deb-src)"
-    run_logged "$LOGS/apt-update.log" apt-get update
+    run_logged "$LOGS/apt-update.log" "${sudo_cmd[@]}" apt-get update
     FIO_SRC_VER=$(fio_source_version)
     [[ -n $FIO_SRC_VER ]] || die "apt-cache showsrc fio finds no source package"
 }

@@ -73,6 +73,13 @@ pub struct Cli {
     /// Behind the virtio-iommu by default when `--iommu` enables DMA translation.
     #[arg(long, value_name = "PATH[,readonly=on][,iommu=on|off]")]
     pub disk: Vec<String>,
+    /// Add an isa-debug-exit-compatible port at 0xf4: a guest write of V ends the VMM with
+    /// exit status (V << 1) | 1, as QEMU's `-device isa-debug-exit`.
+    #[arg(long)]
+    pub debug_exit: bool,
+    /// Stop the guest after SECS seconds (counted from VMM start) with exit status 124.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     /// Print device and interrupt counters at exit.
     #[arg(long)]
     pub stats: bool,
@@ -158,6 +165,10 @@ pub struct VmConfig {
     pub iommu_intremap: bool,
     /// virtio-blk disks, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
+    /// The isa-debug-exit-compatible port.
+    pub debug_exit: bool,
+    /// Stop the guest after this long.
+    pub timeout: Option<std::time::Duration>,
     /// Print counters at exit.
     pub stats: bool,
     /// Write counters as JSON.
@@ -234,6 +245,9 @@ pub enum ConfigError {
     /// Interrupt remapping asked for with a device tree, which cannot describe it.
     #[error("--firmware dt cannot describe interrupt remapping (it needs ACPI DMAR): use --iommu=dma or --firmware acpi")]
     DtRemapping,
+    /// `--timeout 0`.
+    #[error("--timeout must be at least 1 second")]
+    Timeout,
     /// Command line too long.
     #[error("--cmdline is {len} bytes; the limit is {max}")]
     Cmdline {
@@ -349,6 +363,9 @@ impl VmConfig {
         {
             return Err(ConfigError::Cmdline { len, max });
         }
+        if cli.timeout == Some(0) {
+            return Err(ConfigError::Timeout);
+        }
         let mode = cli.iommu.unwrap_or(IommuMode::Off);
         let iommu_dma = matches!(mode, IommuMode::On | IommuMode::Dma);
         let iommu_intremap = matches!(mode, IommuMode::On | IommuMode::Intremap);
@@ -379,6 +396,8 @@ impl VmConfig {
             iommu_dma,
             disks,
             iommu_intremap,
+            debug_exit: cli.debug_exit,
+            timeout: cli.timeout.map(std::time::Duration::from_secs),
             stats: cli.stats,
             stats_json: cli.stats_json,
         })
@@ -486,6 +505,13 @@ mod tests {
             parse(&["vmm", "--kernel", k, "--memory", "999999999"]),
             Err(ConfigError::Memory { .. })
         ));
+        assert!(matches!(
+            parse(&["vmm", "--kernel", k, "--timeout", "0"]),
+            Err(ConfigError::Timeout)
+        ));
+        let c = parse(&["vmm", "--kernel", k, "--timeout", "5", "--debug-exit"]).unwrap();
+        assert_eq!(c.timeout, Some(std::time::Duration::from_secs(5)));
+        assert!(c.debug_exit);
         let long = "x".repeat(3000);
         assert!(matches!(
             parse(&["vmm", "--kernel", k, "--cmdline", &long]),

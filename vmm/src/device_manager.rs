@@ -336,6 +336,20 @@ impl DeviceManager {
                 Box::new(move || t.interrupt_acks.load(Ordering::Relaxed)),
             ));
         }
+        if let Some(iommu) = &self.iommu {
+            use devices::virtio::iommu::protocol::{VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
+            for (name, t) in [
+                ("iommu.map", VIRTIO_IOMMU_T_MAP),
+                ("iommu.unmap", VIRTIO_IOMMU_T_UNMAP),
+            ] {
+                let iommu = iommu.clone();
+                // Brief: the counters' locks are never held across a request's I/O.
+                out.push((
+                    name.into(),
+                    Box::new(move || lock(&iommu).stats().requests_of(t)),
+                ));
+            }
+        }
         for (i, disk) in self.disks.iter().enumerate() {
             let disk = disk.clone();
             out.push((

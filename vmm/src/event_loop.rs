@@ -7,11 +7,13 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::{ExitRequest, ExitSignal, Serial};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::vcpu::VmExit;
 
@@ -24,6 +26,9 @@ pub enum EventLoopError {
     /// An eventfd could not be created.
     #[error("Cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The `--timeout` timer could not be created or armed.
+    #[error("Cannot set up the --timeout timer")]
+    Timer(#[source] vmm_sys_util::errno::Error),
     /// A signal handler could not be installed.
     #[error("Cannot install a handler for signal {0}")]
     Signal(i32, #[source] vmm_sys_util::errno::Error),
@@ -51,6 +56,8 @@ struct StopSources {
     vcpu_exits: Arc<Mutex<Receiver<VmExit>>>,
     power: ExitSignal,
     signal: Arc<EventFd>,
+    /// `--timeout`: the timer and its length in seconds.
+    timeout: Option<(TimerFd, u64)>,
     reason: Option<VmExit>,
 }
 
@@ -63,6 +70,11 @@ impl MutEventSubscriber for StopSources {
         ] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("Cannot watch stop source fd {fd}: {e:?}");
+            }
+        }
+        if let Some((timer, _)) = &self.timeout {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                log::error!("Cannot watch the --timeout timer: {e:?}");
             }
         }
     }
@@ -83,12 +95,20 @@ impl MutEventSubscriber for StopSources {
                 Some(ExitRequest::Reset) => {
                     self.reason.get_or_insert(VmExit::Reset);
                 }
+                Some(ExitRequest::DebugExit(v)) => {
+                    self.reason.get_or_insert(VmExit::DebugExit(v));
+                }
                 None => {}
             }
         } else if fd == self.signal.as_raw_fd() {
             let _ = self.signal.read();
             self.reason
                 .get_or_insert(VmExit::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
+        } else if let Some((timer, secs)) = &mut self.timeout {
+            if fd == timer.as_raw_fd() {
+                let _ = timer.wait();
+                self.reason.get_or_insert(VmExit::Timeout(*secs));
+            }
         }
     }
 }
@@ -131,6 +151,15 @@ impl MutEventSubscriber for ConsoleIn {
     }
 }
 
+/// `--timeout`: how long, and when the VMM started (the timeout counts from then).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeout {
+    /// The `--timeout` length.
+    pub after: Duration,
+    /// VMM start.
+    pub started: Instant,
+}
+
 /// Runs the loop until something asks the VM to stop, and returns why.
 pub fn run(
     vcpu_wake: Arc<EventFd>,
@@ -138,7 +167,22 @@ pub fn run(
     serial: Arc<Mutex<Serial>>,
     power: ExitSignal,
     parked: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+    timeout: Option<Timeout>,
 ) -> Result<VmExit, EventLoopError> {
+    let timeout = match timeout {
+        Some(t) => {
+            let mut timer = TimerFd::new().map_err(EventLoopError::Timer)?;
+            // A zero duration would disarm the timer: set-up never takes the whole timeout,
+            // but keep at least 1 ms.
+            let left = t
+                .after
+                .saturating_sub(t.started.elapsed())
+                .max(Duration::from_millis(1));
+            timer.reset(left, None).map_err(EventLoopError::Timer)?;
+            Some((timer, t.after.as_secs()))
+        }
+        None => None,
+    };
     let signal = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
     SIGNAL_FD.store(signal.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -153,6 +197,7 @@ pub fn run(
         vcpu_exits,
         power,
         signal: signal.clone(),
+        timeout,
         reason: None,
     }));
     manager.add_subscriber(stop.clone());

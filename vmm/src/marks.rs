@@ -47,7 +47,11 @@ pub struct MarkRecorder {
     counters: OnceLock<Vec<(String, CounterFn)>>,
     marks: Mutex<Vec<Mark>>,
     dropped: AtomicU64,
+    on_init: OnceLock<InitHook>,
 }
+
+/// Runs once, on the vCPU, when the guest's first init mark arrives.
+pub type InitHook = Box<dyn Fn() + Send + Sync>;
 
 impl MarkRecorder {
     /// A recorder whose times count from `start`.
@@ -57,6 +61,7 @@ impl MarkRecorder {
             counters: OnceLock::new(),
             marks: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
+            on_init: OnceLock::new(),
         })
     }
 
@@ -65,6 +70,13 @@ impl MarkRecorder {
     pub fn set_counters(&self, counters: Vec<(String, CounterFn)>) {
         if self.counters.set(counters).is_err() {
             log::warn!("marks: counters were already set");
+        }
+    }
+
+    /// Sets what runs at the guest's first init mark (the mid-boot overhead sample).
+    pub fn set_on_init(&self, hook: InitHook) {
+        if self.on_init.set(hook).is_err() {
+            log::warn!("marks: init hook was already set");
         }
     }
 
@@ -80,10 +92,17 @@ impl MarkRecorder {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if id == MARK_INIT && !marks.iter().any(|m| m.id == MARK_INIT) {
+        let first_init = id == MARK_INIT && !marks.iter().any(|m| m.id == MARK_INIT);
+        if first_init {
             log::info!("Guest init reached after {t_ms} ms");
         }
         marks.push(Mark { id, t_ms, counters });
+        drop(marks);
+        if first_init {
+            if let Some(hook) = self.on_init.get() {
+                hook();
+            }
+        }
     }
 
     /// What was recorded so far.

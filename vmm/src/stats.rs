@@ -19,6 +19,9 @@
 //!                bytes_written, mmio_exits } ],
 //!   "exits": { mmio: { DEVICE: n }, pio: { DEVICE: n }, mmio_unclaimed, pio_unclaimed },
 //!   "irqs_blocked",
+//!   "overhead": { first_kvm_run_ms, rss_mid_boot_kib, threads_mid_boot, rss_exit_kib,
+//!                 threads, cpu_vcpu_ms, cpu_vmm_ms } (null when not measured; RSS excludes
+//!                 guest RAM; mid boot = the guest's init mark; CPU from /proc/self/task),
 //!   "remap": null | { iec_global, iec_selective, wait_descriptors, ignored_descriptors,
 //!                     queue_errors, translations, passthrough, blocked: { BY REASON },
 //!                     blocked_total, faults_recorded, faults_suppressed,
@@ -29,7 +32,8 @@
 //! userspace), by device: `ioapic`, `dmar`, `virtio-iommu`, `diskN` on MMIO; `serial`,
 //! `acpi-pm`, `i8042`, `marker` on port I/O. Mark counters are the `interrupts` fields by
 //! name, `mmio_exits.DEVICE`, `pio_exits.DEVICE`, and per virtio device `irqs.NAME`,
-//! `NAME.isr_reads`, `NAME.interrupt_acks`, `diskN.requests`.
+//! `NAME.isr_reads`, `NAME.interrupt_acks`, `diskN.requests`, and `cpu_ms.vcpus` /
+//! `cpu_ms.vmm` (CPU time of the vCPU threads, guest included, and of the other threads).
 
 use std::collections::BTreeMap;
 
@@ -149,6 +153,7 @@ struct StatsJson<'a> {
     exits: ExitsJson,
     irqs_blocked: u64,
     remap: Option<RemapJson<'a>>,
+    overhead: &'a crate::overhead::Overhead,
 }
 
 fn by_name(exits: &[BusExits]) -> BTreeMap<String, u64> {
@@ -193,6 +198,7 @@ pub fn to_json(o: &RunOutcome) -> String {
             stats,
             blocked_total: stats.blocked.total(),
         }),
+        overhead: &o.overhead,
     };
     serde_json::to_string(&json).expect("counters serialize to JSON")
 }
@@ -226,6 +232,12 @@ pub fn report(cfg: &VmConfig, o: &RunOutcome) -> Result<(), VmError> {
         if let Some(ms) = o.marks.boot_to_init_ms {
             eprintln!("vmm: stats: boot_to_init_ms={ms}");
         }
+        let v = &o.overhead;
+        let f = |x: Option<u64>| x.map_or("?".to_owned(), |x| x.to_string());
+        eprintln!(
+            "vmm: stats: overhead first_kvm_run_ms={} rss_mid_boot_kib={} rss_exit_kib={} threads={} cpu_vmm_ms={} cpu_vcpu_ms={}",
+            f(v.first_kvm_run_ms), f(v.rss_mid_boot_kib), f(v.rss_exit_kib), f(v.threads), f(v.cpu_vmm_ms), f(v.cpu_vcpu_ms)
+        );
         eprintln!(
             "vmm: stats: serial irqs={} ioapic rte_writes={} eois={} virtio irqs={}",
             o.serial_irqs, o.ioapic.rte_writes, o.ioapic.eois, o.devices.virtio_irqs

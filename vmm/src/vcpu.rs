@@ -27,7 +27,15 @@ pub enum VmExit {
     Fatal(String),
     /// The VMM got SIGINT or SIGTERM.
     Signal(i32),
+    /// The guest wrote this byte to the `--debug-exit` port.
+    DebugExit(u8),
+    /// `--timeout` expired (seconds).
+    Timeout(u64),
 }
+
+/// Exit status when `--timeout` stops the guest: `timeout(1)`'s, even (so no `--debug-exit`
+/// status `(v << 1) | 1` equals it) and below the 128+N of signals.
+pub const TIMEOUT_EXIT_CODE: i32 = 124;
 
 impl VmExit {
     /// The process exit code for this reason.
@@ -38,6 +46,8 @@ impl VmExit {
             VmExit::TripleFault { .. } => 4,
             VmExit::Fatal(_) => 5,
             VmExit::Signal(sig) => 128 + sig,
+            VmExit::DebugExit(v) => i32::from(devices::debug_exit::debug_exit_status(*v)),
+            VmExit::Timeout(_) => TIMEOUT_EXIT_CODE,
         }
     }
 
@@ -51,6 +61,13 @@ impl VmExit {
             VmExit::TripleFault { cpu } => format!("vCPU {cpu} triple-faulted (KVM_EXIT_SHUTDOWN)"),
             VmExit::Fatal(m) => m.clone(),
             VmExit::Signal(sig) => format!("stopped by signal {sig}"),
+            VmExit::DebugExit(v) => format!(
+                "guest wrote {v:#x} to the debug-exit port: exit status {}",
+                devices::debug_exit::debug_exit_status(*v)
+            ),
+            VmExit::Timeout(secs) => {
+                format!("--timeout: the guest was still running after {secs} s, stopped it")
+            }
         }
     }
 }
@@ -91,6 +108,8 @@ pub struct VcpuContext {
     pub exit: ExitSender,
     /// Set when the VM stops; checked before each KVM_RUN.
     pub stop: Arc<AtomicBool>,
+    /// When the first vCPU first entered KVM_RUN (the VMM's start-up cost ends there).
+    pub first_run: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// What the run loop does after an exit.
@@ -183,6 +202,7 @@ pub fn run_vcpu(cpu: u32, mut fd: VcpuFd, ctx: VcpuContext) {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
+        ctx.first_run.get_or_init(std::time::Instant::now);
         let action = match fd.run() {
             Ok(VcpuExit::InternalError) => {
                 ExitAction::Stop(VmExit::Fatal(internal_error_details(cpu, &mut fd)))
@@ -236,6 +256,7 @@ mod tests {
             eoi: Arc::new(NoEoi),
             exit: ExitSender::new(tx, Arc::new(EventFd::new(0).unwrap())),
             stop: Arc::new(AtomicBool::new(false)),
+            first_run: Arc::default(),
         };
         (ctx, log)
     }

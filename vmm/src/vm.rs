@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use arch::layout;
 use arch::regs;
 use devices::marker::Marker;
 use devices::remap::{RemapStats, RemapUnit};
-use devices::{AcpiPm, Bus, ExitSignal, Ioapic, Serial, I8042};
+use devices::{AcpiPm, Bus, DebugExit, ExitSignal, Ioapic, Serial, I8042};
 use firmware_tables::{DmarDesc, IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -31,6 +31,7 @@ use crate::interrupts::{
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::marks::{CounterFn, MarkRecorder, MarkReport, RecorderSink};
+use crate::overhead::{self, Overhead};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
 /// `KVM_CAP_X2APIC_API` flags: 32-bit destination IDs in MSI routes and no broadcast quirk.
@@ -72,6 +73,9 @@ pub enum VmError {
     /// ACPI table generation failed.
     #[error("Cannot build ACPI tables")]
     Acpi(#[source] firmware_tables::AcpiError),
+    /// MP table generation failed.
+    #[error("Cannot build the MP table")]
+    Mptable(#[source] firmware_tables::MptableError),
     /// Writing the ACPI tables failed.
     #[error("Cannot write ACPI tables into guest memory")]
     WriteAcpi(#[source] vm_memory::GuestMemoryError),
@@ -131,6 +135,8 @@ pub struct RunOutcome {
     pub exits: ExitCounts,
     /// Guest-written marks with counter snapshots, and the boot time.
     pub marks: MarkReport,
+    /// The VMM's own cost (start-up, memory, threads, CPU).
+    pub overhead: Overhead,
 }
 
 /// Exits that reached the VMM, per bus device.
@@ -285,6 +291,22 @@ fn write_acpi(cfg: &VmConfig, dm: &DeviceManager, mem: &GuestMemoryMmap) -> Resu
     Ok(tables.rsdp_addr)
 }
 
+/// Writes the MP table that agrees with the MADT (ACPI mode): Linux's search for one stops at
+/// [`layout::MPTABLE_START`] instead of scanning the BIOS area 16 bytes at a time.
+fn write_mptable(cfg: &VmConfig, dm: &DeviceManager, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    let bytes = firmware_tables::build_mptable(&platform(cfg, dm), layout::MPTABLE_START)
+        .map_err(VmError::Mptable)?;
+    debug_assert!(bytes.len() as u64 <= layout::MPTABLE_MAX_SIZE);
+    mem.write_slice(&bytes, GuestAddress(layout::MPTABLE_START))
+        .map_err(VmError::WriteAcpi)?;
+    log::debug!(
+        "mptable: wrote {} bytes at {:#x}",
+        bytes.len(),
+        layout::MPTABLE_START
+    );
+    Ok(())
+}
+
 fn configure_vcpu(
     kvm: &Kvm,
     vcpu: &VcpuFd,
@@ -437,6 +459,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         u64::from(layout::MARKER_PORT_LEN),
     )
     .map_err(VmError::Bus)?;
+    if cfg.debug_exit {
+        pio.insert_named(
+            "debug-exit",
+            Arc::new(Mutex::new(DebugExit::new(power.clone()))),
+            u64::from(devices::debug_exit::DEBUG_EXIT_PORT),
+            devices::debug_exit::DEBUG_EXIT_PORT_LEN,
+        )
+        .map_err(VmError::Bus)?;
+    }
     if cfg.firmware == Firmware::Dt {
         fdt::add_poweroff(&mut mmio, &power).map_err(VmError::Fdt)?;
     }
@@ -446,7 +477,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
 
     // Firmware tables (ACPI, or a device tree) and kernel.
     let (rsdp, setup_data) = match cfg.firmware {
-        Firmware::Acpi => (write_acpi(cfg, &dm, &mem)?, None),
+        Firmware::Acpi => {
+            write_mptable(cfg, &dm, &mem)?;
+            (write_acpi(cfg, &dm, &mem)?, None)
+        }
         Firmware::Dt => {
             let desc = platform(cfg, &dm);
             let dtb = fdt::write(&desc, &mem, cfg.dump_tables.as_ref()).map_err(VmError::Fdt)?;
@@ -459,6 +493,24 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let mut counters = mark_counters(&interrupts, &mmio, &pio);
     counters.extend(dm.mark_counters());
     marks.set_counters(counters);
+    // Guest RAM, excluded from the VMM's resident memory.
+    let guest_ram: Vec<(u64, u64)> = mem
+        .iter()
+        .filter_map(|r| {
+            r.get_host_address(vm_memory::MemoryRegionAddress(0))
+                .ok()
+                .map(|h| (h as u64, r.len()))
+        })
+        .collect();
+    let mid_boot: Arc<OnceLock<overhead::Sample>> = Arc::default();
+    {
+        let (mid_boot, guest_ram) = (mid_boot.clone(), guest_ram.clone());
+        marks.set_on_init(Box::new(move || {
+            if let Ok(s) = overhead::sample(&guest_ram) {
+                let _ = mid_boot.set(s);
+            }
+        }));
+    }
     // Clones share the exit counters.
     let (mmio_counts, pio_counts) = (mmio.clone(), pio.clone());
 
@@ -471,6 +523,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         eoi: router.clone(),
         exit: exit.clone(),
         stop: stop.clone(),
+        first_run: Arc::default(),
     };
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
@@ -492,8 +545,34 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
     let parked = Arc::new(Mutex::new(ParkedPoller::new(interrupts.clone())));
-    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power, parked)
-        .map_err(VmError::EventLoop);
+    let timeout = cfg
+        .timeout
+        .map(|after| event_loop::Timeout { after, started });
+    let reason = event_loop::run(
+        exit_wake,
+        exit_rx.clone(),
+        serial.clone(),
+        power,
+        parked,
+        timeout,
+    )
+    .map_err(VmError::EventLoop);
+    // Sampled while every thread is still there.
+    let at_exit = overhead::sample(&guest_ram).ok();
+    let cpu = overhead::thread_cpu_ms().ok();
+    let mid = mid_boot.get().copied();
+    let overhead = Overhead {
+        first_kvm_run_ms: ctx
+            .first_run
+            .get()
+            .map(|t| t.duration_since(started).as_millis() as u64),
+        rss_mid_boot_kib: mid.map(|s| s.rss_kib),
+        threads_mid_boot: mid.map(|s| s.threads),
+        rss_exit_kib: at_exit.map(|s| s.rss_kib),
+        threads: at_exit.map(|s| s.threads),
+        cpu_vcpu_ms: cpu.map(|c| c.0),
+        cpu_vmm_ms: cpu.map(|c| c.1),
+    };
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
@@ -523,6 +602,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             pio_unclaimed: pio_counts.unclaimed(),
         },
         marks: marks.report(),
+        overhead,
     })
 }
 
@@ -553,6 +633,15 @@ fn mark_counters(
             Box::new(move || pick(&s).load(Ordering::Relaxed)),
         ));
     }
+    // CPU time of the VMM's threads (from /proc: no lock, a few µs per thread).
+    out.push((
+        "cpu_ms.vcpus".into(),
+        Box::new(|| overhead::thread_cpu_ms().map_or(0, |c| c.0)),
+    ));
+    out.push((
+        "cpu_ms.vmm".into(),
+        Box::new(|| overhead::thread_cpu_ms().map_or(0, |c| c.1)),
+    ));
     for (bus, prefix) in [(mmio, "mmio_exits"), (pio, "pio_exits")] {
         for (name, n) in bus.exit_counters() {
             out.push((
