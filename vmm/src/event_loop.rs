@@ -13,6 +13,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{self, Filter, SeccompError};
 use crate::vcpu::VmExit;
 
 /// Errors of the event loop.
@@ -27,6 +28,9 @@ pub enum EventLoopError {
     /// A signal handler could not be installed.
     #[error("Cannot install a handler for signal {0}")]
     Signal(i32, #[source] vmm_sys_util::errno::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error("Cannot install the main thread's seccomp filter")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// Eventfd written by the SIGINT/SIGTERM handler (-1 until installed).
@@ -131,13 +135,15 @@ impl MutEventSubscriber for ConsoleIn {
     }
 }
 
-/// Runs the loop until something asks the VM to stop, and returns why.
+/// Runs the loop until something asks the VM to stop, and returns why. `filter` (the main
+/// thread's seccomp allowlist) is installed once the loop is set up, before its first wait.
 pub fn run(
     vcpu_wake: Arc<EventFd>,
     vcpu_exits: Arc<Mutex<Receiver<VmExit>>>,
     serial: Arc<Mutex<Serial>>,
     power: ExitSignal,
     parked: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+    filter: Option<&Filter>,
 ) -> Result<VmExit, EventLoopError> {
     let signal = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
     SIGNAL_FD.store(signal.as_raw_fd(), Ordering::SeqCst);
@@ -161,6 +167,7 @@ pub fn run(
         serial,
         pending: Vec::new(),
     })));
+    seccomp::apply(filter).map_err(EventLoopError::Seccomp)?;
     loop {
         if let Some(r) = devices::sync::lock(&stop).reason.take() {
             return Ok(r);

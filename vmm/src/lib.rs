@@ -12,6 +12,7 @@ pub mod interrupts;
 pub mod irq_routing;
 pub mod kernel;
 pub mod marks;
+pub mod seccomp;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

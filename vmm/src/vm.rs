@@ -31,6 +31,7 @@ use crate::interrupts::{
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::marks::{CounterFn, MarkRecorder, MarkReport, RecorderSink};
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
 /// `KVM_CAP_X2APIC_API` flags: 32-bit destination IDs in MSI routes and no broadcast quirk.
@@ -90,9 +91,12 @@ pub enum VmError {
     /// An eventfd could not be created.
     #[error("Cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// A vCPU thread could not be spawned.
-    #[error("Cannot spawn vCPU thread")]
-    Spawn(#[source] std::io::Error),
+    /// A vCPU thread could not be spawned (or could not install its seccomp filter).
+    #[error("Cannot start a vCPU thread")]
+    Spawn(#[source] SeccompError),
+    /// A seccomp filter could not be built or installed.
+    #[error("Cannot set up the main thread's seccomp filter")]
+    Seccomp(#[source] SeccompError),
     /// The signal handler for kicking vCPUs can't be installed.
     #[error("Cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -336,7 +340,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 /// Stops the vCPU threads: sets the stop flag and signals each thread until it leaves
 /// KVM_RUN (a signal that lands just before KVM_RUN is repeated by the next round).
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<Option<()>>>) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut threads = threads;
@@ -359,6 +363,9 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
 /// Builds the VM described by `cfg`, runs it until it stops, and reports why.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let started = Instant::now();
+    // Built first: a broken rule is a set-up error before anything runs.
+    let vcpu_filter = seccomp::filter(ThreadKind::Vcpu, cfg.seccomp).map_err(VmError::Seccomp)?;
+    let main_filter = seccomp::filter(ThreadKind::Main, cfg.seccomp).map_err(VmError::Seccomp)?;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm = Arc::new(create_vm(&kvm)?);
     let mem = create_memory(&vm, cfg.mem_size)?;
@@ -483,17 +490,26 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
         let ctx = ctx.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || run_vcpu(id as u32, fd, ctx))
-            .map_err(VmError::Spawn)?;
+        let t = seccomp::spawn(format!("vcpu{id}"), vcpu_filter.clone(), move || {
+            run_vcpu(id as u32, fd, ctx)
+        })
+        .map_err(VmError::Spawn)?;
         threads.push(t);
     }
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
     let parked = Arc::new(Mutex::new(ParkedPoller::new(interrupts.clone())));
-    let reason = event_loop::run(exit_wake, exit_rx.clone(), serial.clone(), power, parked)
-        .map_err(VmError::EventLoop);
+    // Every other thread runs and has its own filter: the main thread's goes on right before
+    // the event loop (threads spawned after this would inherit it).
+    let reason = event_loop::run(
+        exit_wake,
+        exit_rx.clone(),
+        serial.clone(),
+        power,
+        parked,
+        main_filter.as_ref(),
+    )
+    .map_err(VmError::EventLoop);
     stop_vcpus(&stop, threads);
     dm.stop();
     let reason = reason?;
