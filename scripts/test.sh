@@ -14,13 +14,19 @@ bash resources/guest/build.sh >&2
 step "format"
 cargo fmt --all -- --check
 (cd tests/guest-agent && cargo fmt -- --check)
+(cd fuzz && cargo fmt -- --check)
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 (cd tests/guest-agent && cargo clippy --all-targets -- -D warnings)
+(cd fuzz && cargo clippy --no-default-features --all-targets -- -D warnings)
 step "unit and KVM tests"
 cargo build --workspace
 cargo test --workspace --exclude e2e
 (cd tests/guest-agent && cargo test)
+step "fuzz corpus replay"
+# Every committed fuzz corpus and regression input through its target, as a plain test (no
+# libFuzzer: a cold `cargo install cargo-fuzz` alone takes minutes). scripts/fuzz.sh fuzzes.
+bash scripts/fuzz.sh --replay
 step "command-line tests"
 cargo test -p e2e --test cli
 step "guest boot tests"

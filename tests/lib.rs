@@ -219,6 +219,9 @@ impl GuestRun {
         eprintln!("e2e: running {cmd:?}");
         let start = Instant::now();
         let mut child = cmd.spawn().expect("spawn vmm");
+        let pid = child.id();
+        let threads_at_init = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads_seen = threads_at_init.clone();
         let (tx, rx) = channel();
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -228,6 +231,11 @@ impl GuestRun {
                 let line = String::from_utf8_lossy(&line)
                     .trim_end_matches('\r')
                     .to_owned();
+                let mut seen = threads_seen.lock().expect("thread list");
+                if line.contains("GUEST_INIT_REACHED") && seen.is_empty() {
+                    *seen = vmm_threads(pid);
+                }
+                drop(seen);
                 let _ = tx.send((start.elapsed(), false, line));
             }
         });
@@ -264,6 +272,7 @@ impl GuestRun {
         let mut out = GuestOutput {
             status,
             elapsed: start.elapsed(),
+            threads_at_init: std::mem::take(&mut *threads_at_init.lock().expect("thread list")),
             ..Default::default()
         };
         for (t, is_err, line) in rx.try_iter() {
@@ -285,6 +294,28 @@ impl GuestRun {
         );
         out
     }
+}
+
+/// The VMM's threads, read from `/proc/PID/task/*/{comm,status}`: (name, `Seccomp:` value).
+fn vmm_threads(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.map_while(Result::ok) {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let seccomp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        out.push((comm.trim().to_owned(), seccomp));
+    }
+    out.sort();
+    out
 }
 
 /// What a guest run produced.
@@ -314,6 +345,9 @@ pub struct GuestOutput {
     pub kmsg: Vec<String>,
     /// `GUEST_MARK` lines: label (`init`, `<check>.start`, `<check>.end`) → mark ID.
     pub marks: BTreeMap<String, u64>,
+    /// The VMM's threads when the guest printed `GUEST_INIT_REACHED`: (name, the `Seccomp:`
+    /// field of `/proc/PID/task/TID/status`, 2 = filter installed).
+    pub threads_at_init: Vec<(String, String)>,
 }
 
 impl GuestOutput {

@@ -35,6 +35,17 @@ pub enum Firmware {
     Dt,
 }
 
+/// What `--seccomp` does with each thread's system-call filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeccompMode {
+    /// A call outside the thread's allowlist kills the VMM with SIGSYS.
+    On,
+    /// No filters (debugging).
+    Off,
+    /// Calls outside the allowlist are allowed and logged by the kernel (audit, `dmesg`).
+    Log,
+}
+
 /// Command-line interface of `vmm`.
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +97,10 @@ pub struct Cli {
     /// Write the counters as JSON to PATH at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
+    /// System-call filters per VMM thread (seccomp): `on` kills the VMM with SIGSYS on a call
+    /// outside a thread's allowlist, `log` only logs it (kernel audit log), `off` installs none.
+    #[arg(long, value_name = "on|off|log", value_enum, default_value = "on")]
+    pub seccomp: SeccompMode,
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -173,6 +188,8 @@ pub struct VmConfig {
     pub stats: bool,
     /// Write counters as JSON.
     pub stats_json: Option<PathBuf>,
+    /// System-call filters per thread.
+    pub seccomp: SeccompMode,
 }
 
 /// Invalid user input.
@@ -400,6 +417,7 @@ impl VmConfig {
             timeout: cli.timeout.map(std::time::Duration::from_secs),
             stats: cli.stats,
             stats_json: cli.stats_json,
+            seccomp: cli.seccomp,
         })
     }
 }

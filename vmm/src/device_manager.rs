@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::VmConfig;
 use crate::interrupts::{InterruptError, InterruptManager, IrqfdLine};
 use crate::marks::CounterFn;
+use crate::seccomp::{self, Filter, SeccompError, ThreadKind};
 use crate::worker::{Notifier, Worker, WorkerError};
 
 /// Errors while creating devices.
@@ -56,6 +57,9 @@ pub enum DeviceError {
     /// The worker thread could not start.
     #[error("Cannot start the device worker")]
     Worker(#[source] WorkerError),
+    /// A worker's seccomp filter could not be built.
+    #[error("Cannot build a device worker's seccomp filter")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// The virtio devices of a VM and the threads serving them.
@@ -103,6 +107,8 @@ struct AttachSpec<'a> {
     mem: DeviceMemory,
     /// Eventfds besides the queues' the worker waits on.
     extra: Vec<Notifier>,
+    /// The worker's seccomp filter.
+    filter: Option<Filter>,
 }
 
 /// The VM-side resources every attached device needs.
@@ -171,6 +177,7 @@ impl DeviceManager {
             _ioeventfds: Vec::new(),
         };
         let plan = DevicePlan::new(cfg)?;
+        let filter = |kind| seccomp::filter(kind, cfg.seccomp).map_err(DeviceError::Seccomp);
         if let Some(d) = plan.iommu {
             let iommu = Arc::new(Mutex::new(VirtioIommu::new().map_err(DeviceError::Iommu)?));
             let fault_fd = Arc::new(
@@ -189,6 +196,7 @@ impl DeviceManager {
                     dev,
                     mem: device_memory(mem.clone(), None),
                     extra: vec![(fault_fd, EVENT_QUEUE)],
+                    filter: filter(ThreadKind::IommuWorker)?,
                 },
                 AttachEnv {
                     vm,
@@ -200,6 +208,7 @@ impl DeviceManager {
             dm.iommu_desc = Some(d);
             dm.iommu = Some(iommu);
         }
+        let block_filter = filter(ThreadKind::BlockWorker)?;
         for (i, (disk, d)) in cfg.disks.iter().zip(&plan.disks).enumerate() {
             // Opened once, when the configuration was checked.
             let file = disk
@@ -224,6 +233,7 @@ impl DeviceManager {
                     dev,
                     mem: device_memory(mem.clone(), endpoint),
                     extra: Vec::new(),
+                    filter: block_filter.clone(),
                 },
                 AttachEnv {
                     vm,
@@ -254,6 +264,7 @@ impl DeviceManager {
             dev,
             mem: dev_mem,
             extra,
+            filter,
         } = spec;
         let line = env
             .interrupts
@@ -290,7 +301,8 @@ impl DeviceManager {
             )
             .map_err(DeviceError::Bus)?;
         notifiers.extend(extra);
-        let worker = Worker::spawn(name, handler, notifiers).map_err(DeviceError::Worker)?;
+        let worker =
+            Worker::spawn(name, handler, notifiers, filter).map_err(DeviceError::Worker)?;
         self.workers.push(worker);
         Ok(())
     }
@@ -400,6 +412,9 @@ mod tests {
                 .collect(),
             stats: false,
             stats_json: None,
+            seccomp: crate::config::SeccompMode::Off,
+            debug_exit: false,
+            timeout: None,
         }
     }
 

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::seccomp::{self, Filter, SeccompError};
 use crate::vcpu::VmExit;
 
 /// Errors of the event loop.
@@ -32,6 +33,9 @@ pub enum EventLoopError {
     /// A signal handler could not be installed.
     #[error("Cannot install a handler for signal {0}")]
     Signal(i32, #[source] vmm_sys_util::errno::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error("Cannot install the main thread's seccomp filter")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// Eventfd written by the SIGINT/SIGTERM handler (-1 until installed).
@@ -160,7 +164,8 @@ pub struct Timeout {
     pub started: Instant,
 }
 
-/// Runs the loop until something asks the VM to stop, and returns why.
+/// Runs the loop until something asks the VM to stop, and returns why. `filter` (the main
+/// thread's seccomp allowlist) is installed once the loop is set up, before its first wait.
 pub fn run(
     vcpu_wake: Arc<EventFd>,
     vcpu_exits: Arc<Mutex<Receiver<VmExit>>>,
@@ -168,6 +173,7 @@ pub fn run(
     power: ExitSignal,
     parked: Arc<Mutex<dyn MutEventSubscriber + Send>>,
     timeout: Option<Timeout>,
+    filter: Option<&Filter>,
 ) -> Result<VmExit, EventLoopError> {
     let timeout = match timeout {
         Some(t) => {
@@ -206,6 +212,7 @@ pub fn run(
         serial,
         pending: Vec::new(),
     })));
+    seccomp::apply(filter).map_err(EventLoopError::Seccomp)?;
     loop {
         if let Some(r) = devices::sync::lock(&stop).reason.take() {
             return Ok(r);

@@ -1,9 +1,13 @@
 //! The VMM's own cost, for `--stats-json` `overhead`: VMM start → first `KVM_RUN`, resident
 //! memory without guest RAM (from `/proc/self/smaps`), thread count, and CPU time of the VMM's
-//! threads (from `/proc/self/task/*/stat`), split into vCPU threads (which include the time
+//! threads (CPU-time clocks and `getrusage`), split into vCPU threads (which include the time
 //! the guest itself runs) and the others (device workers, event loop).
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -70,47 +74,105 @@ pub fn rss_excluding(smaps: &str, excluded: &[(u64, u64)]) -> u64 {
     total
 }
 
-/// Samples this process.
-pub fn sample(excluded: &[(u64, u64)]) -> io::Result<Sample> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    let threads = std::fs::read_dir("/proc/self/task")?.count() as u64;
-    Ok(Sample {
-        rss_kib: rss_excluding(&smaps, excluded),
-        threads,
-    })
+/// Reads this process's `/proc/self/smaps` and `/proc/self/status` through files opened once,
+/// at set-up: sampling later makes no `openat` (threads run under seccomp filters that do not
+/// allow it), only positioned reads from offset 0, which `/proc` files answer afresh.
+#[derive(Debug)]
+pub struct ProcSampler {
+    smaps: File,
+    status: File,
+    /// Guest RAM (host virtual start, length), excluded from the VMM's resident memory.
+    excluded: Vec<(u64, u64)>,
 }
 
-/// CPU ms of (vCPU threads, other threads), from `/proc/self/task/*/stat`.
-pub fn thread_cpu_ms() -> io::Result<(u64, u64)> {
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let (mut vcpu, mut other) = (0, 0);
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        let Ok(stat) = std::fs::read_to_string(entry?.path().join("stat")) else {
-            continue; // the thread ended meanwhile
-        };
-        if let Some((name, ticks)) = parse_stat(&stat) {
-            let ms = ticks * 1000 / hz;
-            if name.starts_with("vcpu") {
-                vcpu += ms;
-            } else {
-                other += ms;
+impl ProcSampler {
+    /// Opens the files; `excluded` are the guest RAM mappings.
+    pub fn open(excluded: Vec<(u64, u64)>) -> io::Result<Self> {
+        Ok(ProcSampler {
+            smaps: File::open("/proc/self/smaps")?,
+            status: File::open("/proc/self/status")?,
+            excluded,
+        })
+    }
+
+    /// Samples this process.
+    pub fn sample(&self) -> io::Result<Sample> {
+        let smaps = read_all_at(&self.smaps)?;
+        let status = read_all_at(&self.status)?;
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Sample {
+            rss_kib: rss_excluding(&smaps, &self.excluded),
+            threads,
+        })
+    }
+}
+
+/// The whole text of a `/proc` file, read with `pread` from offset 0.
+fn read_all_at(f: &File) -> io::Result<String> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read_at(&mut buf, out.len() as u64)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// CPU time of the vCPU threads (through their CPU-time clocks) and of the rest of the process
+/// (`getrusage` minus the vCPUs): no file is read, so any thread may ask.
+#[derive(Debug, Default)]
+pub struct CpuClocks {
+    vcpus: OnceLock<Vec<libc::clockid_t>>,
+}
+
+impl CpuClocks {
+    /// Records the vCPU threads' CPU clocks (once, after they were spawned).
+    pub fn set_vcpus<T>(&self, threads: &[std::thread::JoinHandle<T>]) {
+        let clocks = threads
+            .iter()
+            .filter_map(|t| {
+                let mut id: libc::clockid_t = 0;
+                // SAFETY: the pthread_t is a live thread of ours (its JoinHandle is borrowed);
+                // `id` is a valid out pointer.
+                let rc = unsafe { libc::pthread_getcpuclockid(t.as_pthread_t(), &mut id) };
+                (rc == 0).then_some(id)
+            })
+            .collect();
+        let _ = self.vcpus.set(clocks);
+    }
+
+    /// (vCPU threads, everything else) in ms; `None` before the vCPUs were recorded.
+    pub fn split_ms(&self) -> Option<(u64, u64)> {
+        let clocks = self.vcpus.get()?;
+        let mut vcpu_ns: u128 = 0;
+        for &c in clocks {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid out pointer; a clock of an exited thread fails (EINVAL).
+            if unsafe { libc::clock_gettime(c, &mut ts) } == 0 {
+                vcpu_ns += ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128;
             }
         }
+        // SAFETY: an all-zero rusage is valid; getrusage fills it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid out pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+            return None;
+        }
+        let tv_us = |t: libc::timeval| t.tv_sec as u128 * 1_000_000 + t.tv_usec as u128;
+        let total_ms = (tv_us(ru.ru_utime) + tv_us(ru.ru_stime)) / 1000;
+        let vcpu_ms = vcpu_ns / 1_000_000;
+        Some((vcpu_ms as u64, total_ms.saturating_sub(vcpu_ms) as u64))
     }
-    Ok((vcpu, other))
-}
-
-/// (comm, utime + stime ticks) of a `/proc/.../stat` line.
-fn parse_stat(stat: &str) -> Option<(&str, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let name = &stat[open + 1..close];
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    // After the name: state is field 3 of stat(5); utime is 14, stime 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((name, utime + stime))
 }
 
 #[cfg(test)]
@@ -136,17 +198,38 @@ Rss:                   4 kB
     }
 
     #[test]
-    fn stat_lines_give_name_and_ticks() {
-        let l = "1234 (vcpu0) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0 100";
-        assert_eq!(parse_stat(l), Some(("vcpu0", 300)));
-        let l = "1 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 1 2 0 0";
-        assert_eq!(parse_stat(l), Some(("a (b) c", 3)));
+    fn this_process_can_be_sampled_twice_through_the_same_files() {
+        let p = ProcSampler::open(Vec::new()).unwrap();
+        let a = p.sample().unwrap();
+        let b = p.sample().unwrap();
+        assert!(a.rss_kib > 0 && a.threads >= 1 && b.rss_kib > 0);
     }
 
     #[test]
-    fn this_process_can_be_sampled() {
-        let s = sample(&[]).unwrap();
-        assert!(s.rss_kib > 0 && s.threads >= 1);
-        thread_cpu_ms().unwrap();
+    fn cpu_split_counts_a_busy_thread_as_vcpu_time() {
+        let clocks = CpuClocks::default();
+        assert_eq!(clocks.split_ms(), None, "no vCPUs recorded yet");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let busy = std::thread::spawn(move || {
+            // Spin until this thread itself has used 30 ms of CPU (however loaded the host).
+            let own_ms = || {
+                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: `ts` is a valid out pointer.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+            };
+            while own_ms() < 30 {
+                std::hint::black_box(0u64);
+            }
+            done_tx.send(()).unwrap();
+            rx.recv().ok();
+        });
+        done_rx.recv().unwrap();
+        clocks.set_vcpus(std::slice::from_ref(&busy));
+        let (vcpu, _) = clocks.split_ms().unwrap();
+        assert!(vcpu >= 20, "busy thread's CPU time {vcpu} ms");
+        tx.send(()).unwrap();
+        busy.join().unwrap();
     }
 }

@@ -31,7 +31,8 @@ use crate::interrupts::{
 use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::marks::{CounterFn, MarkRecorder, MarkReport, RecorderSink};
-use crate::overhead::{self, Overhead};
+use crate::overhead::{self, CpuClocks, Overhead, ProcSampler};
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
 /// `KVM_CAP_X2APIC_API` flags: 32-bit destination IDs in MSI routes and no broadcast quirk.
@@ -94,15 +95,21 @@ pub enum VmError {
     /// An eventfd could not be created.
     #[error("Cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// A vCPU thread could not be spawned.
-    #[error("Cannot spawn vCPU thread")]
-    Spawn(#[source] std::io::Error),
+    /// A vCPU thread could not be spawned (or could not install its seccomp filter).
+    #[error("Cannot start a vCPU thread")]
+    Spawn(#[source] SeccompError),
+    /// A seccomp filter could not be built or installed.
+    #[error("Cannot set up the main thread's seccomp filter")]
+    Seccomp(#[source] SeccompError),
     /// The signal handler for kicking vCPUs can't be installed.
     #[error("Cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
     /// The event loop failed.
     #[error("Event loop failed")]
     EventLoop(#[source] EventLoopError),
+    /// /proc/self files for the overhead figures can't be opened.
+    #[error("Cannot open /proc/self for the overhead figures")]
+    Overhead(#[source] std::io::Error),
     /// Writing the statistics file failed.
     #[error("Cannot write statistics to {0}")]
     Stats(std::path::PathBuf, #[source] std::io::Error),
@@ -358,7 +365,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 /// Stops the vCPU threads: sets the stop flag and signals each thread until it leaves
 /// KVM_RUN (a signal that lands just before KVM_RUN is repeated by the next round).
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<Option<()>>>) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut threads = threads;
@@ -381,6 +388,9 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
 /// Builds the VM described by `cfg`, runs it until it stops, and reports why.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let started = Instant::now();
+    // Built first: a broken rule is a set-up error before anything runs.
+    let vcpu_filter = seccomp::filter(ThreadKind::Vcpu, cfg.seccomp).map_err(VmError::Seccomp)?;
+    let main_filter = seccomp::filter(ThreadKind::Main, cfg.seccomp).map_err(VmError::Seccomp)?;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm = Arc::new(create_vm(&kvm)?);
     let mem = create_memory(&vm, cfg.mem_size)?;
@@ -490,7 +500,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let boot = kernel::load(cfg, &mem, rsdp, setup_data).map_err(VmError::Kernel)?;
     kernel::write_boot_tables(&mem, boot.protocol).map_err(VmError::Kernel)?;
 
-    let mut counters = mark_counters(&interrupts, &mmio, &pio);
+    let cpu_clocks = Arc::new(CpuClocks::default());
+    let mut counters = mark_counters(&interrupts, &mmio, &pio, &cpu_clocks);
     counters.extend(dm.mark_counters());
     marks.set_counters(counters);
     // Guest RAM, excluded from the VMM's resident memory.
@@ -502,11 +513,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
                 .map(|h| (h as u64, r.len()))
         })
         .collect();
+    let sampler = Arc::new(ProcSampler::open(guest_ram).map_err(VmError::Overhead)?);
     let mid_boot: Arc<OnceLock<overhead::Sample>> = Arc::default();
     {
-        let (mid_boot, guest_ram) = (mid_boot.clone(), guest_ram.clone());
+        let (mid_boot, sampler) = (mid_boot.clone(), sampler.clone());
         marks.set_on_init(Box::new(move || {
-            if let Ok(s) = overhead::sample(&guest_ram) {
+            if let Ok(s) = sampler.sample() {
                 let _ = mid_boot.set(s);
             }
         }));
@@ -536,18 +548,21 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
         let ctx = ctx.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || run_vcpu(id as u32, fd, ctx))
-            .map_err(VmError::Spawn)?;
+        let t = seccomp::spawn(format!("vcpu{id}"), vcpu_filter.clone(), move || {
+            run_vcpu(id as u32, fd, ctx)
+        })
+        .map_err(VmError::Spawn)?;
         threads.push(t);
     }
+    cpu_clocks.set_vcpus(&threads);
     log::info!("Started {} vCPU(s) after {:?}", cfg.cpus, started.elapsed());
 
     let parked = Arc::new(Mutex::new(ParkedPoller::new(interrupts.clone())));
     let timeout = cfg
         .timeout
         .map(|after| event_loop::Timeout { after, started });
+    // Every other thread runs and has its own filter: the main thread's goes on right before
+    // the event loop (threads spawned after this would inherit it).
     let reason = event_loop::run(
         exit_wake,
         exit_rx.clone(),
@@ -555,11 +570,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         power,
         parked,
         timeout,
+        main_filter.as_ref(),
     )
     .map_err(VmError::EventLoop);
     // Sampled while every thread is still there.
-    let at_exit = overhead::sample(&guest_ram).ok();
-    let cpu = overhead::thread_cpu_ms().ok();
+    let at_exit = sampler.sample().ok();
+    let cpu = cpu_clocks.split_ms();
     let mid = mid_boot.get().copied();
     let overhead = Overhead {
         first_kvm_run_ms: ctx
@@ -612,6 +628,7 @@ fn mark_counters(
     interrupts: &Arc<InterruptManager>,
     mmio: &Bus,
     pio: &Bus,
+    cpu: &Arc<CpuClocks>,
 ) -> Vec<(String, CounterFn)> {
     let mut out: Vec<(String, CounterFn)> = Vec::new();
     let stats = interrupts.stats();
@@ -633,14 +650,16 @@ fn mark_counters(
             Box::new(move || pick(&s).load(Ordering::Relaxed)),
         ));
     }
-    // CPU time of the VMM's threads (from /proc: no lock, a few µs per thread).
+    // CPU time of the VMM's threads (clock_gettime/getrusage: no lock, no file).
+    let c = cpu.clone();
     out.push((
         "cpu_ms.vcpus".into(),
-        Box::new(|| overhead::thread_cpu_ms().map_or(0, |c| c.0)),
+        Box::new(move || c.split_ms().map_or(0, |c| c.0)),
     ));
+    let c = cpu.clone();
     out.push((
         "cpu_ms.vmm".into(),
-        Box::new(|| overhead::thread_cpu_ms().map_or(0, |c| c.1)),
+        Box::new(move || c.split_ms().map_or(0, |c| c.1)),
     ));
     for (bus, prefix) in [(mmio, "mmio_exits"), (pio, "pio_exits")] {
         for (name, n) in bus.exit_counters() {

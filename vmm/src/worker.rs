@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::virtio::{QueueHandler, QueueProgress};
+
+use crate::seccomp::{self, Filter, SeccompError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -22,28 +24,29 @@ pub enum WorkerError {
     /// epoll or eventfd setup failed.
     #[error("Cannot set up the device worker's epoll")]
     Epoll(#[source] std::io::Error),
-    /// The thread could not be spawned.
-    #[error("Cannot spawn the device worker thread")]
-    Spawn(#[source] std::io::Error),
+    /// The thread could not be spawned or could not install its seccomp filter.
+    #[error("Cannot start the device worker thread")]
+    Spawn(#[source] SeccompError),
 }
 
 /// A running worker; dropping it does not stop it, [`Worker::stop`] does.
 #[derive(Debug)]
 pub struct Worker {
     stop: Arc<EventFd>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Option<()>>>,
 }
 
 /// One eventfd the worker waits on and the queue to process when it fires.
 pub type Notifier = (Arc<EventFd>, usize);
 
 impl Worker {
-    /// Starts a thread that calls `handler.process_queue(q)` whenever a notifier for `q`
-    /// fires.
+    /// Starts a thread that installs `filter` (its seccomp allowlist, [`crate::seccomp`])
+    /// and then calls `handler.process_queue(q)` whenever a notifier for `q` fires.
     pub fn spawn(
         name: String,
         handler: Arc<dyn QueueHandler>,
         notifiers: Vec<Notifier>,
+        filter: Option<Filter>,
     ) -> Result<Worker, WorkerError> {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Epoll)?);
         let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
@@ -65,10 +68,10 @@ impl Worker {
                 .map_err(WorkerError::Epoll)?;
         }
         let stop2 = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || run(epoll, stop_token, &stop2, handler.as_ref(), &notifiers))
-            .map_err(WorkerError::Spawn)?;
+        let handle = seccomp::spawn(name, filter, move || {
+            run(epoll, stop_token, &stop2, handler.as_ref(), &notifiers)
+        })
+        .map_err(WorkerError::Spawn)?;
         Ok(Worker {
             stop,
             handle: Some(handle),
@@ -152,7 +155,8 @@ mod tests {
             more: 2,
         });
         let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let worker = Worker::spawn("test".into(), handler.clone(), vec![(fd.clone(), 3)]).unwrap();
+        let worker =
+            Worker::spawn("test".into(), handler.clone(), vec![(fd.clone(), 3)], None).unwrap();
         fd.write(1).unwrap();
         let t0 = Instant::now();
         while handler.calls.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(5) {

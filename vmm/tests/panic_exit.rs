@@ -28,6 +28,7 @@ fn child_worker_panic() -> ! {
         "virtio-test0".into(),
         Arc::new(PanickingQueue),
         vec![(kick.clone(), 0)],
+        None,
     )
     .unwrap();
     kick.write(1).unwrap();
