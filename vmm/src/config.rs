@@ -56,9 +56,14 @@ pub struct Cli {
     /// `intremap`.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub iommu: Option<IommuMode>,
-    /// A raw disk image as a virtio-blk device (repeatable): `PATH[,readonly=on][,iommu=on|off]`.
-    /// Behind the virtio-iommu by default when `--iommu` enables DMA translation.
-    #[arg(long, value_name = "PATH[,readonly=on][,iommu=on|off]")]
+    /// A raw disk image as a virtio-blk device (repeatable):
+    /// `PATH[,readonly=on][,iommu=on|off][,transport=mmio|pci][,queues=N]`. Behind the
+    /// virtio-iommu by default when `--iommu` enables DMA translation; `queues` (1..=16) needs
+    /// `transport=pci`.
+    #[arg(
+        long,
+        value_name = "PATH[,readonly=on][,iommu=on|off][,transport=mmio|pci][,queues=N]"
+    )]
     pub disk: Vec<String>,
     /// Print device and interrupt counters at exit.
     #[arg(long)]
@@ -118,6 +123,10 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Behind the virtio-iommu.
     pub iommu: bool,
+    /// virtio-pci (with MSI-X) instead of virtio-mmio.
+    pub pci: bool,
+    /// Request queues (1 on virtio-mmio).
+    pub queues: u16,
 }
 
 /// A validated configuration.
@@ -241,10 +250,31 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
     let path = PathBuf::from(path);
     let mut read_only = false;
     let mut iommu = iommu_dma;
+    let mut pci = false;
+    let mut queues = 1u16;
     for opt in parts {
         let (key, val) = opt
             .split_once('=')
             .ok_or_else(|| bad("options are key=value"))?;
+        match key {
+            "transport" => {
+                pci = match val {
+                    "pci" => true,
+                    "mmio" => false,
+                    _ => return Err(bad("transport is mmio or pci")),
+                };
+                continue;
+            }
+            "queues" => {
+                queues = val
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=devices::virtio::block::MAX_QUEUES).contains(q))
+                    .ok_or_else(|| bad("queues is 1..=16"))?;
+                continue;
+            }
+            _ => {}
+        }
         let on = match val {
             "on" | "true" | "1" => true,
             "off" | "false" | "0" => false,
@@ -255,6 +285,9 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
             "iommu" => iommu = on,
             _ => return Err(bad(&format!("unknown option {key}"))),
         }
+    }
+    if queues > 1 && !pci {
+        return Err(bad("queues=N needs transport=pci"));
     }
     if iommu && !iommu_dma {
         return Err(bad("iommu=on needs --iommu (or --iommu=dma)"));
@@ -272,6 +305,8 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
         image: DiskImage::new(file),
         read_only,
         iommu,
+        pci,
+        queues,
     })
 }
 

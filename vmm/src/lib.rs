@@ -11,6 +11,7 @@ pub mod interrupts;
 pub mod irq_routing;
 pub mod kernel;
 pub mod marks;
+pub mod pci;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

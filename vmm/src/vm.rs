@@ -254,6 +254,7 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
             ioapic_id: layout::IOAPIC_ID,
             ioapic_source_id: layout::IOAPIC_SOURCE_ID,
         }),
+        pci: dm.pci_host_desc(),
     }
 }
 
@@ -435,7 +436,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     .map_err(VmError::Bus)?;
 
     let mut dm =
-        DeviceManager::new(cfg, &vm, &mem, &mut mmio, &interrupts).map_err(VmError::Devices)?;
+        DeviceManager::new(cfg, &vm, &mem, &mut mmio, &mut pio, &interrupts, &router)
+            .map_err(VmError::Devices)?;
 
     // Firmware tables and kernel.
     let rsdp = write_acpi(cfg, &dm, &mem)?;
