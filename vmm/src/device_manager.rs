@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
+use devices::pci::root::PciRoot;
+use devices::pci::BarWindow;
 use devices::sync::lock;
 use devices::virtio::block::{Block, BlockStats};
 use devices::virtio::iommu::device::EVENT_QUEUE;
 use devices::virtio::iommu::{IommuStats, VirtioIommu};
 use devices::virtio::mmio::{MmioTransport, TransportCounters, VIRTIO_MMIO_QUEUE_NOTIFY};
-use devices::pci::root::PciRoot;
-use devices::pci::BarWindow;
 use devices::virtio::pci::{VirtioPciTransport, BAR_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET};
 use devices::virtio::{device_memory, DeviceMemory, VirtioDevice, VirtioInterrupt};
 use devices::Bus;
@@ -26,8 +26,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::VmConfig;
 use crate::interrupts::{InterruptError, InterruptManager, IrqfdLine};
 use crate::irq_routing::IrqRouter;
-use crate::pci::{MsixResources, PciSetupError};
 use crate::marks::CounterFn;
+use crate::pci::{MsixResources, PciSetupError};
 use crate::worker::{Notifier, Worker, WorkerError};
 
 /// Errors while creating devices.

@@ -438,7 +438,8 @@ impl IrqRouter {
         }
         self.core.held.insert(gsi, vector);
         self.core.set_message(gsi, None, source_id);
-        self.core.flush(self.unit.as_mut(), "an MSI-X vector registration");
+        self.core
+            .flush(self.unit.as_mut(), "an MSI-X vector registration");
     }
 
     /// [`IrqRouter::set_msi_sources`] for one source.

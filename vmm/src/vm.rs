@@ -435,9 +435,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     )
     .map_err(VmError::Bus)?;
 
-    let mut dm =
-        DeviceManager::new(cfg, &vm, &mem, &mut mmio, &mut pio, &interrupts, &router)
-            .map_err(VmError::Devices)?;
+    let mut dm = DeviceManager::new(cfg, &vm, &mem, &mut mmio, &mut pio, &interrupts, &router)
+        .map_err(VmError::Devices)?;
 
     // Firmware tables and kernel.
     let rsdp = write_acpi(cfg, &dm, &mem)?;
