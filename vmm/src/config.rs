@@ -491,6 +491,9 @@ mod tests {
         let d = parse_disk(&format!("{p},readonly=on,iommu=off"), true).unwrap();
         assert_eq!((d.read_only, d.iommu), (true, false));
         assert!(!parse_disk(p, false).unwrap().iommu);
+        assert_eq!((d.pci, d.queues), (false, 1), "virtio-mmio by default");
+        let d = parse_disk(&format!("{p},transport=pci,queues=4"), true).unwrap();
+        assert_eq!((d.pci, d.queues, d.iommu), (true, 4, true));
     }
 
     #[test]
@@ -518,6 +521,10 @@ mod tests {
             format!("{p},readonly"),
             format!("{p},color=red"),
             format!("{p},iommu=maybe"),
+            format!("{p},transport=isa"),
+            format!("{p},transport=pci,queues=0"),
+            format!("{p},transport=pci,queues=17"),
+            format!("{p},queues=2"),
         ] {
             assert!(
                 matches!(parse_disk(&bad, true), Err(ConfigError::Disk { .. })),

@@ -649,6 +649,33 @@ mod tests {
     }
 
     #[test]
+    fn pci_disks_take_slots_and_bars_not_mmio_windows() {
+        let mut cfg = config(true, &[true, true, true]);
+        cfg.disks[0].pci = true;
+        cfg.disks[2].pci = true;
+        cfg.disks[2].iommu = false;
+        let plan = DevicePlan::new(&cfg).unwrap();
+        assert_eq!(plan.disks.len(), 1);
+        assert_eq!(plan.disks[0].endpoint_id, Some(1), "MMIO slots stay dense");
+        assert_eq!(
+            plan.pci_disks,
+            vec![
+                PciDiskPlan {
+                    slot: 1,
+                    bar: layout::PCI_MMIO_START,
+                    behind_iommu: true
+                },
+                PciDiskPlan {
+                    slot: 2,
+                    bar: layout::PCI_MMIO_START + BAR_SIZE,
+                    behind_iommu: false
+                },
+            ]
+        );
+        assert_eq!(crate::pci::bdf(plan.pci_disks[1].slot), 0x10);
+    }
+
+    #[test]
     fn without_iommu_no_endpoint_ids() {
         let plan = DevicePlan::new(&config(false, &[false])).unwrap();
         assert!(plan.iommu.is_none());
