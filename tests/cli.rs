@@ -184,3 +184,19 @@ fn timeout_not_a_number() {
         "invalid value '5s' for '--timeout <SECS>'",
     );
 }
+
+#[test]
+fn device_tree_with_a_pci_disk_is_refused() {
+    let disk = temp("disk.img", &[0u8; 4096]);
+    assert_one_line_error(
+        &[
+            "--kernel",
+            &fake_bzimage(),
+            "--firmware",
+            "dt",
+            "--disk",
+            &format!("{disk},transport=pci"),
+        ],
+        "--firmware dt does not describe PCI",
+    );
+}

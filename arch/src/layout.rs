@@ -75,6 +75,16 @@ pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 /// Size of the ECAM area.
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// ECAM bytes bus 0 uses (the only bus): what the MCFG and the bus decode.
+pub const PCI_ECAM_BUS0_SIZE: u64 = 0x10_0000;
+/// 64-bit PCI MMIO window, above the largest RAM (256 GiB + the 1 GiB hole shift) and
+/// inside a 39-bit physical address space. Described in the host bridge's `_CRS`; the VMM
+/// assigns BARs in the 32-bit window.
+pub const PCI_MMIO64_START: u64 = 0x60_0000_0000;
+/// Size of the 64-bit PCI MMIO window (ends at 512 GiB).
+pub const PCI_MMIO64_SIZE: u64 = 0x20_0000_0000;
+/// The legacy PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// Userspace IOAPIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Size of the IOAPIC register window.
@@ -176,6 +186,9 @@ const _: () = assert!(
         && POWEROFF_START >= PCI_ECAM_START + PCI_ECAM_SIZE
         && POWEROFF_START + POWEROFF_SIZE <= LAPIC_START
 );
+const _: () = assert!(MMIO_HOLE_END + MAX_MEMORY <= PCI_MMIO64_START);
+const _: () = assert!(PCI_MMIO64_START + PCI_MMIO64_SIZE <= 1 << 39);
+const _: () = assert!(PCI_ECAM_BUS0_SIZE <= PCI_ECAM_SIZE);
 
 #[cfg(test)]
 mod tests {

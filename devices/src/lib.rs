@@ -44,6 +44,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
 pub mod marker;
+pub mod pci;
 pub mod pm;
 pub mod poweroff;
 pub mod ratelimit;

@@ -42,6 +42,25 @@ pub struct PlatformDescription {
     pub iommu: Option<VirtioMmioDesc>,
     /// An interrupt-remapping-only VT-d unit. When present, a DMAR is emitted.
     pub dmar: Option<DmarDesc>,
+    /// The PCI host bridge, only when the VM has PCI devices: a DSDT `PNP0A08` device, an
+    /// MCFG, and the ECAM reserved as a motherboard resource. `None` emits none of them.
+    pub pci: Option<PciHostDesc>,
+}
+
+/// A PCI host bridge: segment 0, buses `0..=last_bus`, ECAM and two MMIO windows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciHostDesc {
+    /// ECAM base (1 MiB per bus), 1 MiB-aligned, below 4 GiB.
+    pub ecam_base: u64,
+    /// Last bus number (ECAM covers `0..=last_bus`).
+    pub last_bus: u8,
+    /// 32-bit MMIO window `(base, size)` for BARs; below 4 GiB.
+    pub mmio32: (u64, u64),
+    /// 64-bit MMIO window `(base, size)` above RAM.
+    pub mmio64: (u64, u64),
+    /// Functions behind the virtio-iommu, by BDF (`bus << 8 | devfn`): each is a VIOT PCI
+    /// range node whose endpoint ID is the BDF. Only with an IOMMU.
+    pub iommu_endpoints: Vec<u16>,
 }
 
 /// An IOAPIC as listed in the MADT.

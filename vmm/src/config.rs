@@ -80,9 +80,14 @@ pub struct Cli {
     /// `intremap`.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub iommu: Option<IommuMode>,
-    /// A raw disk image as a virtio-blk device (repeatable): `PATH[,readonly=on][,iommu=on|off]`.
-    /// Behind the virtio-iommu by default when `--iommu` enables DMA translation.
-    #[arg(long, value_name = "PATH[,readonly=on][,iommu=on|off]")]
+    /// A raw disk image as a virtio-blk device (repeatable):
+    /// `PATH[,readonly=on][,iommu=on|off][,transport=mmio|pci][,queues=N]`. Behind the
+    /// virtio-iommu by default when `--iommu` enables DMA translation; `queues` (1..=16) needs
+    /// `transport=pci`.
+    #[arg(
+        long,
+        value_name = "PATH[,readonly=on][,iommu=on|off][,transport=mmio|pci][,queues=N]"
+    )]
     pub disk: Vec<String>,
     /// Add an isa-debug-exit-compatible port at 0xf4: a guest write of V ends the VMM with
     /// exit status (V << 1) | 1, as QEMU's `-device isa-debug-exit`.
@@ -153,6 +158,10 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Behind the virtio-iommu.
     pub iommu: bool,
+    /// virtio-pci (with MSI-X) instead of virtio-mmio.
+    pub pci: bool,
+    /// Request queues (1 on virtio-mmio).
+    pub queues: u16,
 }
 
 /// A validated configuration.
@@ -262,6 +271,9 @@ pub enum ConfigError {
     /// Interrupt remapping asked for with a device tree, which cannot describe it.
     #[error("--firmware dt cannot describe interrupt remapping (it needs ACPI DMAR): use --iommu=dma or --firmware acpi")]
     DtRemapping,
+    /// `--firmware dt` with a PCI disk: the device tree has no PCI host bridge.
+    #[error("--firmware dt does not describe PCI: use transport=mmio for --disk")]
+    DtPci,
     /// `--timeout 0`.
     #[error("--timeout must be at least 1 second")]
     Timeout,
@@ -290,10 +302,31 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
     let path = PathBuf::from(path);
     let mut read_only = false;
     let mut iommu = iommu_dma;
+    let mut pci = false;
+    let mut queues = 1u16;
     for opt in parts {
         let (key, val) = opt
             .split_once('=')
             .ok_or_else(|| bad("options are key=value"))?;
+        match key {
+            "transport" => {
+                pci = match val {
+                    "pci" => true,
+                    "mmio" => false,
+                    _ => return Err(bad("transport is mmio or pci")),
+                };
+                continue;
+            }
+            "queues" => {
+                queues = val
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=devices::virtio::block::MAX_QUEUES).contains(q))
+                    .ok_or_else(|| bad("queues is 1..=16"))?;
+                continue;
+            }
+            _ => {}
+        }
         let on = match val {
             "on" | "true" | "1" => true,
             "off" | "false" | "0" => false,
@@ -304,6 +337,9 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
             "iommu" => iommu = on,
             _ => return Err(bad(&format!("unknown option {key}"))),
         }
+    }
+    if queues > 1 && !pci {
+        return Err(bad("queues=N needs transport=pci"));
     }
     if iommu && !iommu_dma {
         return Err(bad("iommu=on needs --iommu (or --iommu=dma)"));
@@ -321,6 +357,8 @@ pub fn parse_disk(value: &str, iommu_dma: bool) -> Result<DiskConfig, ConfigErro
         image: DiskImage::new(file),
         read_only,
         iommu,
+        pci,
+        queues,
     })
 }
 
@@ -401,6 +439,9 @@ impl VmConfig {
             .iter()
             .map(|d| parse_disk(d, iommu_dma))
             .collect::<Result<Vec<_>, _>>()?;
+        if cli.firmware == Firmware::Dt && disks.iter().any(|d| d.pci) {
+            return Err(ConfigError::DtPci);
+        }
         Ok(VmConfig {
             kernel: cli.kernel,
             kernel_format,
@@ -546,6 +587,9 @@ mod tests {
         let d = parse_disk(&format!("{p},readonly=on,iommu=off"), true).unwrap();
         assert_eq!((d.read_only, d.iommu), (true, false));
         assert!(!parse_disk(p, false).unwrap().iommu);
+        assert_eq!((d.pci, d.queues), (false, 1), "virtio-mmio by default");
+        let d = parse_disk(&format!("{p},transport=pci,queues=4"), true).unwrap();
+        assert_eq!((d.pci, d.queues, d.iommu), (true, 4, true));
     }
 
     #[test]
@@ -573,6 +617,10 @@ mod tests {
             format!("{p},readonly"),
             format!("{p},color=red"),
             format!("{p},iommu=maybe"),
+            format!("{p},transport=isa"),
+            format!("{p},transport=pci,queues=0"),
+            format!("{p},transport=pci,queues=17"),
+            format!("{p},queues=2"),
         ] {
             assert!(
                 matches!(parse_disk(&bad, true), Err(ConfigError::Disk { .. })),

@@ -1,26 +1,33 @@
-//! Creates the virtio-mmio devices: the virtio-iommu (first window) and the disks behind it,
-//! places each on the MMIO bus with its window and IOAPIC pin, wires QueueNotify to KVM
-//! ioeventfds and the interrupt to an irqfd, and describes them for the firmware tables.
+//! Creates the virtio devices: the virtio-iommu (first virtio-mmio window) and the disks
+//! behind it — on virtio-mmio (a window and an IOAPIC pin each) or on virtio-pci (a slot on
+//! bus 0, BAR 0 in the 32-bit PCI window, MSI-X vectors through [`crate::pci`]) — wires
+//! queue notifications to KVM ioeventfds and interrupts to irqfds, and describes them for the
+//! firmware tables.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
+use devices::pci::root::PciRoot;
+use devices::pci::BarWindow;
 use devices::sync::lock;
 use devices::virtio::block::{Block, BlockStats};
 use devices::virtio::iommu::device::EVENT_QUEUE;
 use devices::virtio::iommu::{IommuStats, VirtioIommu};
 use devices::virtio::mmio::{MmioTransport, TransportCounters, VIRTIO_MMIO_QUEUE_NOTIFY};
+use devices::virtio::pci::{VirtioPciTransport, BAR_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET};
 use devices::virtio::{device_memory, DeviceMemory, VirtioDevice, VirtioInterrupt};
 use devices::Bus;
-use firmware_tables::VirtioMmioDesc;
-use kvm_ioctls::{IoEventAddress, VmFd};
+use firmware_tables::{PciHostDesc, VirtioMmioDesc};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::interrupts::{InterruptError, InterruptManager, IrqfdLine};
+use crate::irq_routing::IrqRouter;
 use crate::marks::CounterFn;
+use crate::pci::{MsixResources, PciSetupError};
 use crate::seccomp::{self, Filter, SeccompError, ThreadKind};
 use crate::worker::{Notifier, Worker, WorkerError};
 
@@ -60,6 +67,26 @@ pub enum DeviceError {
     /// A worker's seccomp filter could not be built.
     #[error("Cannot build a device worker's seccomp filter")]
     Seccomp(#[source] SeccompError),
+    /// A PCI function or the root complex could not be set up.
+    #[error("Cannot set up PCI device {0}")]
+    Pci(String, #[source] PciSetupError),
+    /// The virtio-pci transport could not be built.
+    #[error("Cannot build the virtio-pci transport")]
+    VirtioPci(#[source] devices::virtio::pci::VirtioPciError),
+    /// No PCI slot or BAR space left.
+    #[error("No PCI slot left for disk {0}")]
+    NoPciSlot(usize),
+}
+
+/// Where one virtio-pci disk goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciDiskPlan {
+    /// Slot on bus 0 (function 0); the BDF is `slot << 3`.
+    pub slot: usize,
+    /// BAR 0's address in the 32-bit PCI window.
+    pub bar: u64,
+    /// Behind the virtio-iommu (endpoint ID = BDF).
+    pub behind_iommu: bool,
 }
 
 /// The virtio devices of a VM and the threads serving them.
@@ -67,7 +94,12 @@ pub struct DeviceManager {
     iommu: Option<Arc<Mutex<VirtioIommu>>>,
     iommu_desc: Option<VirtioMmioDesc>,
     disks: Vec<Arc<Mutex<Block>>>,
+    /// The bus name each disk's exits are reported under, in `--disk` order.
+    disk_names: Vec<String>,
     disk_descs: Vec<VirtioMmioDesc>,
+    pci_disks: Vec<PciDiskPlan>,
+    /// Per PCI disk: its name and MSI-X vectors.
+    pci_counted: Vec<(String, MsixResources)>,
     lines: Vec<Arc<IrqfdLine>>,
     /// Per attached device, the counters marks snapshot.
     counted: Vec<CountedDevice>,
@@ -92,6 +124,8 @@ pub struct DeviceStats {
     pub disks: Vec<BlockStats>,
     /// Interrupts raised by the virtio devices (irqfd writes).
     pub virtio_irqs: u64,
+    /// Each disk's bus name (`diskN` on virtio-mmio, `pci-diskN` on virtio-pci).
+    pub disk_names: Vec<String>,
 }
 
 /// One device to put on the bus: where, under which name, and with which extra notifiers.
@@ -107,6 +141,17 @@ struct AttachSpec<'a> {
     mem: DeviceMemory,
     /// Eventfds besides the queues' the worker waits on.
     extra: Vec<Notifier>,
+    /// The worker's seccomp filter.
+    filter: Option<Filter>,
+}
+
+/// The VM-side resources a PCI function needs.
+struct PciEnv<'a> {
+    vm: &'a VmFd,
+    mmio: &'a mut Bus,
+    root: &'a mut PciRoot,
+    interrupts: &'a Arc<InterruptManager>,
+    router: &'a Arc<Mutex<IrqRouter>>,
     /// The worker's seccomp filter.
     filter: Option<Filter>,
 }
@@ -134,8 +179,11 @@ fn slot(index: u32, endpoint_id: Option<u32>) -> Result<VirtioMmioDesc, DeviceEr
 pub struct DevicePlan {
     /// The virtio-iommu's window and pin (slot 0), when DMA translation is on.
     pub iommu: Option<VirtioMmioDesc>,
-    /// Each disk's window, pin and endpoint ID (its slot index, when behind the IOMMU).
+    /// Each virtio-mmio disk's window, pin and endpoint ID (its slot index, when behind the
+    /// IOMMU), in `--disk` order.
     pub disks: Vec<VirtioMmioDesc>,
+    /// Each virtio-pci disk's slot and BAR, in `--disk` order.
+    pub pci_disks: Vec<PciDiskPlan>,
 }
 
 impl DevicePlan {
@@ -148,12 +196,32 @@ impl DevicePlan {
             next += 1;
         }
         let mut disks = Vec::new();
-        for disk in &cfg.disks {
+        let mut pci_disks = Vec::new();
+        for (i, disk) in cfg.disks.iter().enumerate() {
+            if disk.pci {
+                let n = pci_disks.len();
+                let bar = layout::PCI_MMIO_START + n as u64 * BAR_SIZE;
+                if n + 1 >= devices::pci::root::PCI_SLOTS
+                    || bar + BAR_SIZE > layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE
+                {
+                    return Err(DeviceError::NoPciSlot(i));
+                }
+                pci_disks.push(PciDiskPlan {
+                    slot: n + 1,
+                    bar,
+                    behind_iommu: iommu.is_some() && disk.iommu,
+                });
+                continue;
+            }
             let endpoint_id = (iommu.is_some() && disk.iommu).then_some(next);
             disks.push(slot(next, endpoint_id)?);
             next += 1;
         }
-        Ok(DevicePlan { iommu, disks })
+        Ok(DevicePlan {
+            iommu,
+            disks,
+            pci_disks,
+        })
     }
 }
 
@@ -164,13 +232,18 @@ impl DeviceManager {
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         mmio: &mut Bus,
-        interrupts: &InterruptManager,
+        pio: &mut Bus,
+        interrupts: &Arc<InterruptManager>,
+        router: &Arc<Mutex<IrqRouter>>,
     ) -> Result<Self, DeviceError> {
         let mut dm = DeviceManager {
             iommu: None,
             iommu_desc: None,
             disks: Vec::new(),
+            disk_names: Vec::new(),
             disk_descs: Vec::new(),
+            pci_disks: Vec::new(),
+            pci_counted: Vec::new(),
             lines: Vec::new(),
             counted: Vec::new(),
             workers: Vec::new(),
@@ -209,12 +282,35 @@ impl DeviceManager {
             dm.iommu = Some(iommu);
         }
         let block_filter = filter(ThreadKind::BlockWorker)?;
-        for (i, (disk, d)) in cfg.disks.iter().zip(&plan.disks).enumerate() {
+        let mut mmio_plans = plan.disks.iter();
+        let mut pci_plans = plan.pci_disks.iter();
+        let mut root = PciRoot::new();
+        for (i, disk) in cfg.disks.iter().enumerate() {
             // Opened once, when the configuration was checked.
             let file = disk
                 .image
                 .file()
                 .map_err(|e| DeviceError::DiskHandle(disk.path.clone(), e))?;
+            if disk.pci {
+                let p = *pci_plans.next().expect("planned per PCI disk");
+                dm.attach_pci_disk(
+                    i,
+                    disk,
+                    file,
+                    p,
+                    mem,
+                    PciEnv {
+                        filter: block_filter.clone(),
+                        vm,
+                        mmio: &mut *mmio,
+                        root: &mut root,
+                        interrupts,
+                        router,
+                    },
+                )?;
+                continue;
+            }
+            let d = mmio_plans.next().expect("planned per MMIO disk");
             // The endpoint ID (the device's slot index) is the number in its VIOT node.
             let endpoint = match (&dm.iommu, d.endpoint_id) {
                 (Some(iommu), Some(id)) => Some(lock(iommu).endpoint(id)),
@@ -252,8 +348,120 @@ impl DeviceManager {
             );
             dm.disk_descs.push(*d);
             dm.disks.push(block);
+            dm.disk_names.push(format!("disk{i}"));
+        }
+        if !dm.pci_disks.is_empty() {
+            crate::pci::place_root(root, mmio, pio)
+                .map_err(|e| DeviceError::Pci("root complex".into(), e))?;
         }
         Ok(dm)
+    }
+
+    /// A virtio-blk disk on virtio-pci: its MSI-X vectors (queues + config), the transport
+    /// in its slot, BAR 0 on the MMIO bus as `pci-diskN`, one ioeventfd per queue on the
+    /// notify area, and a worker.
+    fn attach_pci_disk(
+        &mut self,
+        i: usize,
+        disk: &crate::config::DiskConfig,
+        file: std::fs::File,
+        p: PciDiskPlan,
+        mem: &GuestMemoryMmap,
+        env: PciEnv<'_>,
+    ) -> Result<(), DeviceError> {
+        let bdf = crate::pci::bdf(p.slot);
+        let endpoint = match (&self.iommu, p.behind_iommu) {
+            (Some(iommu), true) => Some(lock(iommu).endpoint(u32::from(bdf))),
+            _ => None,
+        };
+        let behind_iommu = endpoint.is_some();
+        let block = Block::new(file, disk.read_only, format!("vmm-disk{i}"), behind_iommu)
+            .map_err(|e| DeviceError::Block(disk.path.clone(), e))?
+            .with_queues(disk.queues);
+        let queues = usize::from(disk.queues);
+        let block = Arc::new(Mutex::new(block));
+        let dev: Arc<Mutex<dyn VirtioDevice>> = block.clone();
+        let name = format!("pci-disk{i}");
+        let msix = crate::pci::msix_vectors(
+            VirtioPciTransport::vector_count(queues),
+            bdf,
+            env.interrupts,
+            env.router,
+        )
+        .map_err(|e| DeviceError::Pci(name.clone(), e))?;
+        let mut transport = VirtioPciTransport::new(
+            dev,
+            device_memory(mem.clone(), endpoint),
+            msix.vectors.clone(),
+            msix.sink.clone(),
+            p.bar,
+        )
+        .map_err(DeviceError::VirtioPci)?;
+        let mut notifiers = Vec::new();
+        for q in 0..transport.queue_count() {
+            let fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?);
+            let addr = p.bar + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_MULTIPLIER);
+            // Any write (Linux writes the 16-bit queue index) to the queue's own notify
+            // address signals this eventfd inside KVM.
+            env.vm
+                .register_ioevent(fd.as_ref(), &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|e| DeviceError::IoEvent(addr, e))?;
+            self._ioeventfds.push(fd.clone());
+            notifiers.push((fd, q));
+        }
+        transport.set_queue_notifiers(notifiers.iter().map(|(fd, _)| fd.clone()).collect());
+        let handler = transport.queue_handler();
+        let function = Arc::new(Mutex::new(transport));
+        env.root
+            .add(p.slot, function.clone())
+            .map_err(|_| DeviceError::NoPciSlot(i))?;
+        env.mmio
+            .insert_named(
+                &name,
+                Arc::new(Mutex::new(BarWindow::new(function, 0))),
+                p.bar,
+                BAR_SIZE,
+            )
+            .map_err(DeviceError::Bus)?;
+        let worker = Worker::spawn(format!("vblk{i}"), handler, notifiers, env.filter)
+            .map_err(DeviceError::Worker)?;
+        self.workers.push(worker);
+        log::info!(
+            "virtio-blk {} on PCI 0000:00:{:02x}.0, BAR0 {:#x}, {queues} queue(s), MSI-X GSIs {:?}{}",
+            disk.path.display(),
+            p.slot,
+            p.bar,
+            msix.gsis(),
+            if behind_iommu {
+                format!(", endpoint {bdf:#x}")
+            } else {
+                String::new()
+            }
+        );
+        self.pci_counted.push((name.clone(), msix));
+        self.pci_disks.push(p);
+        self.disks.push(block);
+        self.disk_names.push(name);
+        Ok(())
+    }
+
+    /// The PCI host bridge, if the VM has PCI devices.
+    pub fn pci_host_desc(&self) -> Option<PciHostDesc> {
+        if self.pci_disks.is_empty() {
+            return None;
+        }
+        Some(PciHostDesc {
+            ecam_base: layout::PCI_ECAM_START,
+            last_bus: 0,
+            mmio32: (layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE),
+            mmio64: (layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE),
+            iommu_endpoints: self
+                .pci_disks
+                .iter()
+                .filter(|p| p.behind_iommu && self.iommu.is_some())
+                .map(|p| crate::pci::bdf(p.slot))
+                .collect(),
+        })
     }
 
     fn attach(&mut self, spec: AttachSpec<'_>, env: AttachEnv<'_>) -> Result<(), DeviceError> {
@@ -322,7 +530,14 @@ impl DeviceManager {
         DeviceStats {
             iommu: self.iommu.as_ref().map(|i| lock(i).stats()),
             disks: self.disks.iter().map(|d| lock(d).stats()).collect(),
-            virtio_irqs: self.lines.iter().map(|l| l.triggers()).sum(),
+            virtio_irqs: self.lines.iter().map(|l| l.triggers()).sum::<u64>()
+                + self
+                    .pci_counted
+                    .iter()
+                    .flat_map(|(_, m)| m.lines.iter())
+                    .map(|l| l.triggers())
+                    .sum::<u64>(),
+            disk_names: self.disk_names.clone(),
         }
     }
 
@@ -361,6 +576,25 @@ impl DeviceManager {
                     Box::new(move || lock(&iommu).stats().requests_of(t)),
                 ));
             }
+        }
+        for (name, msix) in &self.pci_counted {
+            for (v, line) in msix.lines.iter().enumerate() {
+                let line = line.clone();
+                out.push((
+                    format!("irqs.{name}.v{v}"),
+                    Box::new(move || line.triggers()),
+                ));
+            }
+            let lines = msix.lines.clone();
+            out.push((
+                format!("irqs.{name}"),
+                Box::new(move || lines.iter().map(|l| l.triggers()).sum()),
+            ));
+            let vectors = msix.vectors.clone();
+            out.push((
+                format!("{name}.msix_pending_sets"),
+                Box::new(move || vectors.pending_sets()),
+            ));
         }
         for (i, disk) in self.disks.iter().enumerate() {
             let disk = disk.clone();
@@ -408,6 +642,8 @@ mod tests {
                     image: crate::config::DiskImage::new(std::fs::File::open("/dev/null").unwrap()),
                     read_only: false,
                     iommu: behind,
+                    pci: false,
+                    queues: 1,
                 })
                 .collect(),
             stats: false,
@@ -446,6 +682,33 @@ mod tests {
     }
 
     #[test]
+    fn pci_disks_take_slots_and_bars_not_mmio_windows() {
+        let mut cfg = config(true, &[true, true, true]);
+        cfg.disks[0].pci = true;
+        cfg.disks[2].pci = true;
+        cfg.disks[2].iommu = false;
+        let plan = DevicePlan::new(&cfg).unwrap();
+        assert_eq!(plan.disks.len(), 1);
+        assert_eq!(plan.disks[0].endpoint_id, Some(1), "MMIO slots stay dense");
+        assert_eq!(
+            plan.pci_disks,
+            vec![
+                PciDiskPlan {
+                    slot: 1,
+                    bar: layout::PCI_MMIO_START,
+                    behind_iommu: true
+                },
+                PciDiskPlan {
+                    slot: 2,
+                    bar: layout::PCI_MMIO_START + BAR_SIZE,
+                    behind_iommu: false
+                },
+            ]
+        );
+        assert_eq!(crate::pci::bdf(plan.pci_disks[1].slot), 0x10);
+    }
+
+    #[test]
     fn without_iommu_no_endpoint_ids() {
         let plan = DevicePlan::new(&config(false, &[false])).unwrap();
         assert!(plan.iommu.is_none());
@@ -474,6 +737,7 @@ mod tests {
             virtio_mmio: plan.disks.clone(),
             iommu: plan.iommu,
             dmar: None,
+            pci: None,
         };
         let tables =
             firmware_tables::build_acpi(&desc, layout::ACPI_START, layout::ACPI_SIZE).unwrap();

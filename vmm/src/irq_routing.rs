@@ -75,13 +75,30 @@ enum Route {
     Routed(MsiMessage),
     /// Interrupt remapping blocks it: no route, the source is parked.
     Blocked(Blocked),
+    /// A masked MSI-X vector: no route, the source is parked, and each trigger sets its
+    /// pending bit ([`HeldVector::fired_while_held`]) instead of being dropped.
+    Held,
+}
+
+impl Route {
+    /// Whether a source with this route is parked.
+    fn parked(&self) -> bool {
+        matches!(self, Route::Blocked(_) | Route::Held)
+    }
+}
+
+/// The device side of a masked MSI-X vector, for [`IrqRouter::register_held_vector`].
+pub trait HeldVector: Send + Sync {
+    /// The vector's irqfd fired while the router held it (or just before it was released):
+    /// set its pending bit (which delivers it if the vector is no longer masked).
+    fn fired_while_held(&self);
 }
 
 impl Route {
     fn kvm(&self) -> Option<MsiMessage> {
         match self {
             Route::Routed(m) => Some(*m),
-            Route::Masked | Route::Blocked(_) => None,
+            Route::Masked | Route::Blocked(_) | Route::Held => None,
         }
     }
 }
@@ -131,6 +148,8 @@ struct Core {
     parked_handler: Arc<dyn ParkedHandler>,
     /// Interrupt requests of blocked sources.
     blocked_requests: u64,
+    /// MSI-X vectors: masked means held (pending bit), not dropped.
+    held: BTreeMap<u32, Arc<dyn HeldVector>>,
 }
 
 /// Routes every interrupt source of the VM; see the [module documentation](self).
@@ -196,13 +215,13 @@ impl Core {
                 continue;
             };
             let route = match source.msg {
+                None if self.held.contains_key(&gsi) => Route::Held,
                 None => Route::Masked,
                 Some(m) => Core::translate(unit.as_deref_mut(), m, source.source_id),
             };
-            match (source.route, route) {
-                (Route::Blocked(_), Route::Blocked(_)) => {}
-                (_, Route::Blocked(_)) => park.push(gsi),
-                (Route::Blocked(old), _) => unpark.push((gsi, old, source.source_id)),
+            match (source.route.parked(), route.parked()) {
+                (false, true) => park.push(gsi),
+                (true, false) => unpark.push((gsi, source.route, source.source_id)),
                 _ => {}
             }
             source.route = route;
@@ -225,14 +244,21 @@ impl Core {
             }
             Err(e) => log::error!("irq: cannot update routes after {why}: {e}"),
         }
-        for (gsi, blocked, source_id) in unpark {
-            match self.interrupts.unpark(gsi) {
+        for (gsi, old, source_id) in unpark {
+            match (self.interrupts.unpark(gsi), old) {
                 // Triggers that came in while the source was still blocked.
-                Ok(pending) if pending > 0 => {
+                (Ok(pending), Route::Blocked(blocked)) if pending > 0 => {
                     self.blocked(unit.as_deref_mut(), &blocked, source_id, pending)
                 }
-                Ok(_) => {}
-                Err(e) => log::error!("irq: cannot unpark GSI {gsi}: {e}"),
+                // Triggers of a masked vector not yet polled: its pending bit (delivered by
+                // the MSI-X layer once the vector is released).
+                (Ok(pending), Route::Held) if pending > 0 => {
+                    if let Some(h) = self.held.get(&gsi) {
+                        h.fired_while_held();
+                    }
+                }
+                (Ok(_), _) => {}
+                (Err(e), _) => log::error!("irq: cannot unpark GSI {gsi}: {e}"),
             }
         }
     }
@@ -349,6 +375,7 @@ impl IrqRouter {
                     dirty: (0..PINS as u32).collect(),
                     parked_handler: Arc::new(RouterHandle(weak.clone())),
                     blocked_requests: 0,
+                    held: BTreeMap::new(),
                 },
             };
             router.core.flush(router.unit.as_mut(), "start-up");
@@ -386,11 +413,10 @@ impl IrqRouter {
     /// Sets how devices programmed MSI sources (`msg: None`: masked) and sends all the
     /// resulting route changes to KVM in one batch.
     ///
-    /// A masked source has no route and KVM drops its triggers (IOAPIC-pin semantics). MSI-X
-    /// needs pending bits instead: that belongs here too, as a masked-pending route state
-    /// whose source is parked with a handler setting the PBA bit and whose unmask re-triggers
-    /// the eventfd once after unparking; the router must stay the only one parking its
-    /// sources' GSIs, or its block/unblock transitions would undo the MSI-X layer's.
+    /// A masked source has no route and KVM drops its triggers (IOAPIC-pin semantics), unless
+    /// it was registered with [`IrqRouter::register_held_vector`] (MSI-X): then it is held,
+    /// parked with its triggers setting the PBA bit. The router stays the only one parking
+    /// its sources' GSIs, so block/unblock and mask/unmask transitions compose.
     pub fn set_msi_sources(&mut self, sources: &[MsiSource]) {
         for s in sources {
             if (s.gsi as usize) < PINS {
@@ -400,6 +426,20 @@ impl IrqRouter {
             self.core.set_message(s.gsi, s.msg, s.source_id);
         }
         self.core.flush(self.unit.as_mut(), "an MSI source update");
+    }
+
+    /// Makes `gsi` an MSI-X vector of requester `source_id`: while its message is `None`
+    /// (masked) it is *held* — parked, each trigger reported to `vector` (which sets the
+    /// PBA bit) — instead of dropped. Starts held; one routing update at most.
+    pub fn register_held_vector(&mut self, gsi: u32, source_id: u16, vector: Arc<dyn HeldVector>) {
+        if (gsi as usize) < PINS {
+            log::error!("irq: GSI {gsi} is an IOAPIC pin, not an MSI-X vector");
+            return;
+        }
+        self.core.held.insert(gsi, vector);
+        self.core.set_message(gsi, None, source_id);
+        self.core
+            .flush(self.unit.as_mut(), "an MSI-X vector registration");
     }
 
     /// [`IrqRouter::set_msi_sources`] for one source.
@@ -434,6 +474,17 @@ impl IrqRouter {
             }
             // Unparked meanwhile (the poller read the eventfd just before): the requests
             // were made while it was blocked, but what blocked them is gone.
+            Route::Held => {
+                if let Some(h) = self.core.held.get(&gsi) {
+                    h.fired_while_held();
+                }
+            }
+            // Unmasked meanwhile: the MSI-X layer delivers the pending bit now.
+            Route::Routed(_) | Route::Masked if self.core.held.contains_key(&gsi) => {
+                if let Some(h) = self.core.held.get(&gsi) {
+                    h.fired_while_held();
+                }
+            }
             Route::Routed(_) | Route::Masked => devices::guest_debug!(
                 "irq: {count} trigger(s) of GSI {gsi} seen after it was unparked; dropped"
             ),

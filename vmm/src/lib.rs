@@ -13,6 +13,7 @@ pub mod irq_routing;
 pub mod kernel;
 pub mod marks;
 pub mod overhead;
+pub mod pci;
 pub mod seccomp;
 pub mod stats;
 pub mod vcpu;

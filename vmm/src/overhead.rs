@@ -214,7 +214,10 @@ Rss:                   4 kB
         let busy = std::thread::spawn(move || {
             // Spin until this thread itself has used 30 ms of CPU (however loaded the host).
             let own_ms = || {
-                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
                 // SAFETY: `ts` is a valid out pointer.
                 unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
                 ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000

@@ -184,7 +184,13 @@ pub fn to_json(o: &RunOutcome) -> String {
             .enumerate()
             .map(|(i, stats)| DiskJson {
                 stats,
-                mmio_exits: mmio.get(&format!("disk{i}")).copied().unwrap_or(0),
+                mmio_exits: o
+                    .devices
+                    .disk_names
+                    .get(i)
+                    .and_then(|n| mmio.get(n))
+                    .copied()
+                    .unwrap_or(0),
             })
             .collect(),
         exits: ExitsJson {

@@ -271,6 +271,7 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
             ioapic_id: layout::IOAPIC_ID,
             ioapic_source_id: layout::IOAPIC_SOURCE_ID,
         }),
+        pci: dm.pci_host_desc(),
     }
 }
 
@@ -482,8 +483,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         fdt::add_poweroff(&mut mmio, &power).map_err(VmError::Fdt)?;
     }
 
-    let mut dm =
-        DeviceManager::new(cfg, &vm, &mem, &mut mmio, &interrupts).map_err(VmError::Devices)?;
+    let mut dm = DeviceManager::new(cfg, &vm, &mem, &mut mmio, &mut pio, &interrupts, &router)
+        .map_err(VmError::Devices)?;
 
     // Firmware tables (ACPI, or a device tree) and kernel.
     let (rsdp, setup_data) = match cfg.firmware {

@@ -67,6 +67,10 @@ pub const VIRTIO_BLK_F_RO: u32 = 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
 /// Feature bit: the device has a volatile write cache and accepts `VIRTIO_BLK_T_FLUSH`.
 pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// Feature bit: more than one request queue; their number is in `num_queues`.
+pub const VIRTIO_BLK_F_MQ: u32 = 12;
+/// Most request queues a device offers.
+pub const MAX_QUEUES: u16 = 16;
 
 /// Request type: read sectors into device-writable buffers.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -89,7 +93,7 @@ pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 
 /// The virtio-blk sector size, fixed by the spec whatever `blk_size` says.
 pub const SECTOR_SIZE: u64 = 512;
-/// Size of the one request queue.
+/// Size of each request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request, announced in `seg_max`. Linux builds at most this many
 /// (`max_segments`); a request needs `SEG_MAX + 2` ring slots without indirect descriptors.
@@ -222,8 +226,9 @@ struct Disk {
 /// What the device holds between DRIVER_OK and reset.
 struct Active {
     mem: DeviceMemory,
-    /// Locked to pop a chain and to return one, never across I/O.
-    queue: Mutex<Queue>,
+    /// One per request queue; each locked to pop a chain and to return one, never across
+    /// I/O. Queues share no lock on the data path.
+    queues: Vec<Mutex<Queue>>,
     interrupt: Arc<VirtioInterrupt>,
     /// Cleared (under `queue`) by reset: completions of requests still in flight are dropped.
     live: AtomicBool,
@@ -239,6 +244,8 @@ struct BlockQueue {
 /// A virtio-blk device over a raw image; see the [module documentation](self).
 pub struct Block {
     features: u64,
+    /// Maximum size of each request queue (one entry per queue).
+    queue_sizes: Vec<u16>,
     acked_features: u64,
     data: Arc<BlockQueue>,
 }
@@ -359,6 +366,7 @@ impl Block {
         );
         Ok(Block {
             features,
+            queue_sizes: vec![QUEUE_SIZE],
             acked_features: 0,
             data: Arc::new(BlockQueue {
                 disk: Disk {
@@ -371,6 +379,19 @@ impl Block {
                 active: Mutex::new(None),
             }),
         })
+    }
+
+    /// Offers `queues` request queues (1..=[`MAX_QUEUES`], clamped), with
+    /// `VIRTIO_BLK_F_MQ` when more than one. Each queue is served and signalled on its own.
+    pub fn with_queues(mut self, queues: u16) -> Block {
+        let n = queues.clamp(1, MAX_QUEUES);
+        self.queue_sizes = vec![QUEUE_SIZE; usize::from(n)];
+        if n > 1 {
+            self.features |= 1 << VIRTIO_BLK_F_MQ;
+        } else {
+            self.features &= !(1 << VIRTIO_BLK_F_MQ);
+        }
+        self
     }
 
     /// Capacity in 512-byte sectors.
@@ -392,7 +413,7 @@ impl Block {
         // 16..20 geometry: not offered.
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         // 24..32 topology, 32 writeback, 33 unused: not offered.
-        c[34..36].copy_from_slice(&1u16.to_le_bytes());
+        c[34..36].copy_from_slice(&(self.queue_sizes.len() as u16).to_le_bytes());
         c
     }
 }
@@ -403,7 +424,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -449,17 +470,22 @@ impl VirtioDevice for Block {
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         let got = queues.len();
-        let Ok([mut queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() || !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
+        let expected = self.queue_sizes.len();
+        if got != expected {
+            return Err(ActivateError::QueueCount { expected, got });
         }
-        // VIRTIO_F_RING_EVENT_IDX is not offered.
-        queue.set_event_idx(false);
+        let mut ready = Vec::with_capacity(got);
+        for (i, mut queue) in queues.into_iter().enumerate() {
+            if !queue.ready() || !queue.is_valid(&mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+            // VIRTIO_F_RING_EVENT_IDX is not offered.
+            queue.set_event_idx(false);
+            ready.push(Mutex::new(queue));
+        }
         *lock(&self.data.active) = Some(Arc::new(Active {
             mem,
-            queue: Mutex::new(queue),
+            queues: ready,
             interrupt,
             live: AtomicBool::new(true),
         }));
@@ -473,7 +499,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         if let Some(active) = lock(&self.data.active).take() {
             // Waits at most for a pop or a used-ring update, never for I/O.
-            let _queue = lock(&active.queue);
+            let _queues: Vec<_> = active.queues.iter().map(lock).collect();
             active.live.store(false, Ordering::SeqCst);
         }
         self.acked_features = 0;
@@ -482,19 +508,19 @@ impl VirtioDevice for Block {
 
 impl QueueHandler for BlockQueue {
     fn process_queue(&self, index: usize) -> QueueProgress {
-        if index != 0 {
-            guest_debug!("virtio-blk: notification for missing queue {index}; ignored");
-            return QueueProgress::Idle;
-        }
         let Some(active) = lock(&self.active).clone() else {
             guest_debug!("virtio-blk: notification before activation; ignored");
+            return QueueProgress::Idle;
+        };
+        let Some(queue_lock) = active.queues.get(index) else {
+            guest_debug!("virtio-blk: notification for missing queue {index}; ignored");
             return QueueProgress::Idle;
         };
         for _ in 0..REQUESTS_PER_KICK {
             // Held while this request uses translations, so an UNMAP cannot complete under it.
             let _request = begin_request(&active.mem);
             let chain = {
-                let mut queue = lock(&active.queue);
+                let mut queue = lock(queue_lock);
                 if !active.live.load(Ordering::SeqCst) {
                     return QueueProgress::Idle;
                 }
@@ -508,7 +534,7 @@ impl QueueHandler for BlockQueue {
             let len = process_request(&self.disk, &mut stats, &active.mem, chain);
             lock(&self.stats).add(&stats);
 
-            let mut queue = lock(&active.queue);
+            let mut queue = lock(queue_lock);
             if !active.live.load(Ordering::SeqCst) {
                 // Reset while the request ran: the ring belongs to the old driver instance.
                 return QueueProgress::Idle;
@@ -523,10 +549,10 @@ impl QueueHandler for BlockQueue {
             // Without EVENT_IDX this honours VRING_AVAIL_F_NO_INTERRUPT only.
             match queue.needs_notification(&active.mem) {
                 Ok(false) => {}
-                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(true) => active.interrupt.signal_queue(index),
                 Err(e) => {
                     guest_debug!("virtio-blk: cannot read used_event ({e}); notifying anyway");
-                    active.interrupt.signal_used_queue();
+                    active.interrupt.signal_queue(index);
                 }
             }
         }

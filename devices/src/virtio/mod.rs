@@ -17,7 +17,7 @@
 //! behind the virtio-iommu, or straight guest RAM when it doesn't (IOMMU disabled in the
 //! wrapper). Every descriptor access is translated and permission-checked in one place.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -45,17 +45,83 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
 pub type DeviceMemory =
     vm_memory::IommuMemory<GuestMemoryMmap, crate::virtio::iommu::EndpointIommu>;
 
-/// The interrupt a virtio-mmio device raises: the interrupt status register (ISR) shared with
-/// the transport, plus the line (an irqfd in the VMM).
+/// `VIRTIO_MSI_NO_VECTOR`: no MSI-X vector assigned (virtio 1.2 §4.1.4.3).
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// Which MSI-X vector the virtio-pci driver assigned to the configuration change and to each
+/// queue (`msix_config`, `queue_msix_vector`), shared by the transport (which writes them) and
+/// the device's interrupt (which reads them on every signal, lock-free).
+#[derive(Debug)]
+pub struct VirtioMsix {
+    vectors: Arc<crate::pci::msix::MsixVectors>,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+}
+
+impl VirtioMsix {
+    /// No vector assigned yet, for `queues` queues.
+    pub fn new(vectors: Arc<crate::pci::msix::MsixVectors>, queues: usize) -> Arc<Self> {
+        Arc::new(VirtioMsix {
+            vectors,
+            config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            queue_vectors: (0..queues)
+                .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                .collect(),
+        })
+    }
+
+    /// The vectors behind.
+    pub fn vectors(&self) -> &Arc<crate::pci::msix::MsixVectors> {
+        &self.vectors
+    }
+
+    /// `msix_config`.
+    pub fn config_vector(&self) -> u16 {
+        self.config_vector.load(Ordering::SeqCst)
+    }
+
+    /// Sets `msix_config`.
+    pub fn set_config_vector(&self, v: u16) {
+        self.config_vector.store(v, Ordering::SeqCst);
+    }
+
+    /// `queue_msix_vector` of queue `q` (NO_VECTOR for a missing queue).
+    pub fn queue_vector(&self, q: usize) -> u16 {
+        self.queue_vectors
+            .get(q)
+            .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::SeqCst))
+    }
+
+    /// Sets `queue_msix_vector` of queue `q`.
+    pub fn set_queue_vector(&self, q: usize, v: u16) {
+        if let Some(slot) = self.queue_vectors.get(q) {
+            slot.store(v, Ordering::SeqCst);
+        }
+    }
+
+    /// Every assignment back to NO_VECTOR (device reset).
+    pub fn reset(&self) {
+        self.set_config_vector(VIRTIO_MSI_NO_VECTOR);
+        for v in &self.queue_vectors {
+            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The interrupt a virtio device raises: the interrupt status register (ISR) shared with the
+/// transport, plus either one line (virtio-mmio: an irqfd on an IOAPIC pin) or the MSI-X
+/// vectors the driver assigned (virtio-pci), one per queue and one for config changes.
 pub struct VirtioInterrupt {
     status: AtomicU32,
-    line: Arc<dyn InterruptLine>,
+    line: Option<Arc<dyn InterruptLine>>,
+    msix: Option<Arc<VirtioMsix>>,
 }
 
 impl std::fmt::Debug for VirtioInterrupt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioInterrupt")
             .field("status", &self.status.load(Ordering::Relaxed))
+            .field("msix", &self.msix.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -65,21 +131,44 @@ impl VirtioInterrupt {
     pub fn new(line: Arc<dyn InterruptLine>) -> Self {
         VirtioInterrupt {
             status: AtomicU32::new(0),
-            line,
+            line: Some(line),
+            msix: None,
         }
     }
 
-    /// Sets `bits` in the ISR and raises the line.
+    /// An interrupt delivered through MSI-X vectors (virtio-pci).
+    pub fn with_msix(msix: Arc<VirtioMsix>) -> Self {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            line: None,
+            msix: Some(msix),
+        }
+    }
+
+    /// Sets `bits` in the ISR and raises the line (virtio-mmio), or the config vector.
     pub fn signal(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Err(e) = self.line.trigger() {
-            crate::guest_warn!("virtio: cannot raise interrupt: {e}");
+        if let Some(line) = &self.line {
+            if let Err(e) = line.trigger() {
+                crate::guest_warn!("virtio: cannot raise interrupt: {e}");
+            }
+        } else if let Some(m) = &self.msix {
+            m.vectors.trigger(m.config_vector());
         }
     }
 
-    /// Signals a used-buffer notification.
+    /// Signals a used-buffer notification (queue 0).
     pub fn signal_used_queue(&self) {
-        self.signal(VIRTIO_MMIO_INT_VRING);
+        self.signal_queue(0);
+    }
+
+    /// Signals a used-buffer notification on queue `index`: its MSI-X vector with virtio-pci
+    /// (nothing if the driver assigned none), the ISR and the line with virtio-mmio.
+    pub fn signal_queue(&self, index: usize) {
+        match &self.msix {
+            Some(m) => m.vectors.trigger(m.queue_vector(index)),
+            None => self.signal(VIRTIO_MMIO_INT_VRING),
+        }
     }
 
     /// Signals a configuration change.
@@ -90,6 +179,11 @@ impl VirtioInterrupt {
     /// The ISR value (InterruptStatus register).
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Reads and clears the ISR (virtio-pci's ISR register is read-to-clear).
+    pub fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::SeqCst)
     }
 
     /// Clears acknowledged ISR bits (InterruptACK register).
@@ -174,6 +268,7 @@ pub mod block;
 pub mod driver_ring;
 pub mod iommu;
 pub mod mmio;
+pub mod pci;
 
 /// Device memory for a device: through `iommu` when it sits behind the virtio-iommu,
 /// straight guest RAM otherwise.

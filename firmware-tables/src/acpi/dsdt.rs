@@ -15,7 +15,7 @@ use acpi_tables::{
 };
 
 use super::{pm::S5_SLP_TYP, OEM_ID, OEM_REVISION, OEM_TABLE_ID, SERIAL_IO_LEN};
-use crate::{PlatformDescription, SerialDesc, VirtioMmioDesc};
+use crate::{PciHostDesc, PlatformDescription, SerialDesc, VirtioMmioDesc};
 
 /// DSDT revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
@@ -33,6 +33,10 @@ pub(super) fn build(desc: &PlatformDescription) -> Vec<u8> {
     }
     if let Some(serial) = &desc.serial {
         devices.push(serial_device(serial));
+    }
+    if let Some(pci) = &desc.pci {
+        devices.push(pci_host_bridge(pci));
+        devices.push(ecam_reservation(pci));
     }
 
     let s5 = aml::Package::new(vec![&S5_SLP_TYP]);
@@ -81,6 +85,60 @@ fn serial_device(serial: &SerialDesc) -> Vec<u8> {
         &[
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+}
+
+/// `Device (PCI0)`: the PCIe host bridge (`PNP0A08`, compatible `PNP0A03`), segment 0,
+/// base bus 0; `_CRS` has the bus range, the config ports 0xCF8-0xCFF, the 32-bit window and
+/// the 64-bit window. BARs are assigned inside the windows by the VMM; Linux keeps them.
+fn pci_host_bridge(pci: &PciHostDesc) -> Vec<u8> {
+    let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.last_bus));
+    let ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let (b32, s32) = pci.mmio32;
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        b32 as u32,
+        (b32 + s32 - 1) as u32,
+        None,
+    );
+    let (b64, s64) = pci.mmio64;
+    let mmio64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        b64,
+        b64 + s64 - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &ports, &mmio32, &mmio64]);
+    device_bytes(
+        "PCI0",
+        &[
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+}
+
+/// `Device (MRES)`: a motherboard resource (`PNP0C02`) reserving the ECAM, which Linux
+/// requires before it trusts the MCFG (arch/x86/pci/mmconfig-shared.c, `is_acpi_reserved`).
+fn ecam_reservation(pci: &PciHostDesc) -> Vec<u8> {
+    let size = (u32::from(pci.last_bus) + 1) << 20;
+    let ecam = aml::Memory32Fixed::new(false, pci.ecam_base as u32, size);
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    device_bytes(
+        "MRES",
+        &[
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ONE),
             &aml::Name::new("_CRS".into(), &crs),
         ],
     )

@@ -152,10 +152,17 @@ pub fn build_acpi(
     let madt = madt::build(desc);
     let mut others: Vec<([u8; 4], Vec<u8>)> = vec![(*b"APIC", madt)];
     if let Some(iommu) = &desc.iommu {
-        others.push((*b"VIOT", viot::build(iommu, &desc.virtio_mmio)));
+        let pci = desc
+            .pci
+            .as_ref()
+            .map_or(&[][..], |p| &p.iommu_endpoints[..]);
+        others.push((*b"VIOT", viot::build(iommu, &desc.virtio_mmio, pci)));
     }
     if let Some(dmar) = &desc.dmar {
         others.push((*b"DMAR", dmar::build(dmar)));
+    }
+    if let Some(pci) = &desc.pci {
+        others.push((*b"MCFG", mcfg(pci)));
     }
 
     // XSDT lists FACP and `others`; FADT has a fixed size.
@@ -196,6 +203,15 @@ pub fn build_acpi(
         );
     }
     Ok(AcpiTables { rsdp_addr, blobs })
+}
+
+/// MCFG (PCI Firmware spec 3.2 §4.1.2): one ECAM allocation for segment 0.
+fn mcfg(pci: &crate::PciHostDesc) -> Vec<u8> {
+    let mut t = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.add_ecam(pci.ecam_base, 0, 0, pci.last_bus);
+    let mut bytes = Vec::new();
+    t.to_aml_bytes(&mut bytes);
+    bytes
 }
 
 fn blob(name: [u8; 4], addr: u64, table: &dyn Aml) -> TableBlob {
@@ -266,6 +282,11 @@ pub(crate) fn validate(desc: &PlatformDescription) -> Result<(), AcpiError> {
         }
         ranges.push((dmar.register_base, REG_PAGE_SIZE, "DMAR"));
     }
+    if let Some(pci) = &desc.pci {
+        let ecam_size = (u64::from(pci.last_bus) + 1) << 20;
+        ranges.push((pci.ecam_base, ecam_size, "PCI ECAM"));
+        ranges.push((pci.mmio32.0, pci.mmio32.1, "PCI MMIO window"));
+    }
     ranges.sort_by_key(|r| r.0);
     for pair in ranges.windows(2) {
         let ((a_base, a_size, a), (b_base, _, b)) = (pair[0], pair[1]);
@@ -302,6 +323,28 @@ pub(crate) fn validate(desc: &PlatformDescription) -> Result<(), AcpiError> {
         .iter()
         .filter_map(|d| d.endpoint_id)
         .collect();
+    if let Some(pci) = &desc.pci {
+        if desc.iommu.is_none() && !pci.iommu_endpoints.is_empty() {
+            return Err(AcpiError::UnexpectedEndpointId(u64::from(
+                pci.iommu_endpoints[0],
+            )));
+        }
+        ids.extend(pci.iommu_endpoints.iter().map(|&b| u32::from(b)));
+        let ecam_end = pci.ecam_base + ((u64::from(pci.last_bus) + 1) << 20);
+        let (m32, m32_size) = pci.mmio32;
+        if pci.ecam_base % (1 << 20) != 0
+            || ecam_end > 1 << 32
+            || m32_size == 0
+            || m32.checked_add(m32_size).is_none_or(|e| e > 1 << 32)
+            || pci.mmio64.1 == 0
+            || pci.mmio64.0.checked_add(pci.mmio64.1).is_none()
+        {
+            return Err(AcpiError::InvalidMmioWindow {
+                base: pci.ecam_base,
+                size: ecam_end - pci.ecam_base,
+            });
+        }
+    }
     ids.sort_unstable();
     if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
         return Err(AcpiError::DuplicateEndpointId(w[0]));

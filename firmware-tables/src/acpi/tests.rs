@@ -38,6 +38,21 @@ fn full_desc() -> PlatformDescription {
             ioapic_id: 0,
             ioapic_source_id: DEFAULT_IOAPIC_SOURCE_ID,
         }),
+        pci: None,
+    }
+}
+
+/// [`full_desc`] plus a PCI host bridge with two functions behind the IOMMU.
+fn pci_desc() -> PlatformDescription {
+    PlatformDescription {
+        pci: Some(crate::PciHostDesc {
+            ecam_base: 0xE000_0000,
+            last_bus: 0,
+            mmio32: (0xC000_0000, 0x1000_0000),
+            mmio64: (0x60_0000_0000, 0x20_0000_0000),
+            iommu_endpoints: vec![0x08, 0x10],
+        }),
+        ..full_desc()
     }
 }
 
@@ -610,5 +625,100 @@ fn iasl_disassembles_every_table_without_iommu() {
         assert!(dsdt.contains(needle), "DSDT.dsl lacks {needle}:\n{dsdt}");
     }
     assert!(!dir.join("VIOT.dat").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_pci_devices_there_is_no_host_bridge_nor_mcfg() {
+    let tables = build(&full_desc());
+    assert!(tables.blob(b"MCFG").is_none());
+    let dsdt = table(&tables, b"DSDT");
+    assert!(!dsdt.windows(4).any(|w| w == b"PCI0"));
+}
+
+#[test]
+fn pci_host_bridge_mcfg_and_viot_pci_ranges() {
+    let tables = build(&pci_desc());
+    for b in &tables.blobs {
+        assert_eq!(
+            b.bytes.iter().fold(0u8, |a, x| a.wrapping_add(*x)),
+            0,
+            "{}",
+            b.name_str()
+        );
+    }
+    let mcfg = table(&tables, b"MCFG");
+    assert_eq!(mcfg.len(), 44 + 16);
+    assert_eq!(u64_at(mcfg, 44), 0xE000_0000);
+    assert_eq!((u16_at(mcfg, 52), mcfg[54], mcfg[55]), (0, 0, 0));
+    let viot = table(&tables, b"VIOT");
+    assert_eq!(
+        u16_at(viot, 36),
+        5,
+        "IOMMU, two MMIO endpoints, two PCI ranges"
+    );
+    let mut off = u16_at(viot, 38) as usize;
+    let mut ranges = Vec::new();
+    let mut iommu_node = 0;
+    for _ in 0..5 {
+        match viot[off] {
+            4 => iommu_node = off,
+            1 => ranges.push((
+                u32_at(viot, off + 4),
+                u16_at(viot, off + 12),
+                u16_at(viot, off + 14),
+                u16_at(viot, off + 16) as usize,
+            )),
+            _ => {}
+        }
+        off += u16_at(viot, off + 2) as usize;
+    }
+    assert_eq!(
+        ranges,
+        vec![
+            (0x08, 0x08, 0x08, iommu_node),
+            (0x10, 0x10, 0x10, iommu_node)
+        ]
+    );
+}
+
+#[test]
+fn pci_endpoints_without_iommu_or_clashing_ids_are_refused() {
+    let mut desc = pci_desc();
+    desc.iommu = None;
+    desc.virtio_mmio
+        .iter_mut()
+        .for_each(|d| d.endpoint_id = None);
+    assert!(build_acpi(&desc, REGION_START, REGION_SIZE).is_err());
+    let mut desc = pci_desc();
+    desc.pci.as_mut().unwrap().iommu_endpoints = vec![2];
+    assert!(matches!(
+        build_acpi(&desc, REGION_START, REGION_SIZE),
+        Err(AcpiError::DuplicateEndpointId(2))
+    ));
+}
+
+#[test]
+fn iasl_disassembles_mcfg_and_the_host_bridge() {
+    let tables = build(&pci_desc());
+    let dir = scratch_dir("pci");
+    let dsdt = disassemble_all(&tables, &dir);
+    for needle in [
+        "PNP0A08",
+        "PNP0A03",
+        "PNP0C02",
+        "_SEG",
+        "_BBN",
+        "WordBusNumber",
+        "DWordMemory",
+        "QWordMemory",
+        "0xC0000000",
+        "0x0000006000000000",
+        "0xE0000000",
+    ] {
+        assert!(dsdt.contains(needle), "DSDT.dsl lacks {needle}:\n{dsdt}");
+    }
+    let mcfg = std::fs::read_to_string(dir.join("MCFG.dsl")).expect("read MCFG.dsl");
+    assert!(mcfg.contains("00000000E0000000"), "MCFG.dsl:\n{mcfg}");
     let _ = std::fs::remove_dir_all(&dir);
 }

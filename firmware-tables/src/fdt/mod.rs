@@ -84,6 +84,9 @@ pub enum FdtError {
     /// The description has an interrupt-remapping unit, which only ACPI (DMAR) can describe.
     #[error("Interrupt remapping needs the ACPI DMAR table; a device tree cannot describe it")]
     InterruptRemapping,
+    /// The description has a PCI host bridge: x86 Linux ignores DT PCI hosts and `iommu-map`.
+    #[error("PCI devices cannot be described by the device tree on x86")]
+    Pci,
     /// The IOAPIC does not start at GSI 0: DT interrupt specifiers name its pins.
     #[error("IOAPIC GSI base {0} is not supported in a device tree (must be 0)")]
     IoapicGsiBase(u32),
@@ -257,6 +260,9 @@ fn validate(desc: &PlatformDescription, poweroff: Option<&PowerOffDesc>) -> Resu
     acpi::validate(desc)?;
     if desc.dmar.is_some() {
         return Err(FdtError::InterruptRemapping);
+    }
+    if desc.pci.is_some() {
+        return Err(FdtError::Pci);
     }
     if desc.ioapic.gsi_base != 0 {
         return Err(FdtError::IoapicGsiBase(desc.ioapic.gsi_base));

@@ -184,6 +184,7 @@ fn desc() -> PlatformDescription {
         virtio_mmio: vec![mmio(0xD000_1000, 6, Some(1)), mmio(0xD000_2000, 7, None)],
         iommu: Some(mmio(0xD000_0000, 5, None)),
         dmar: None,
+        pci: None,
     }
 }
 

@@ -32,6 +32,7 @@ pub fn run(ctx: &Ctx, name: &str) -> CheckResult {
         "sleep" => sleep(ctx),
         "irq-affinity" => guest_only(ctx, irq_affinity),
         "devicetree" => devicetree(),
+        "vfio" => guest_only(ctx, crate::vfio::vfio),
         _ => Err("unknown check".to_string()),
     }
 }
@@ -43,6 +44,51 @@ fn guest_only(ctx: &Ctx, check: fn(&Ctx) -> CheckResult) -> CheckResult {
         return Err("refused: not PID 1 in the test guest".to_string());
     }
     check(ctx)
+}
+
+/// A disk named on the command line: a `/dev/...` path, `pci:DDDD:BB:DD.F` (the block device
+/// of that virtio-pci function) or `mmio` (the first virtio block device not on PCI).
+pub fn resolve_disk(spec: &str) -> Result<String, String> {
+    if spec.starts_with("of:") {
+        return disk_path(spec);
+    }
+    if let Some(bdf) = spec.strip_prefix("pci:") {
+        let dir = format!("/sys/bus/pci/devices/{bdf}");
+        for entry in fs::read_dir(&dir).map_err(|e| format!("read {dir}: {e}"))? {
+            let name = entry.map_err(|e| e.to_string())?.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("virtio") {
+                let block = format!("{dir}/{name}/block");
+                if let Some(Ok(b)) = fs::read_dir(&block).ok().and_then(|mut r| r.next()) {
+                    return Ok(format!("/dev/{}", b.file_name().to_string_lossy()));
+                }
+            }
+        }
+        return Err(format!("no block device under {dir}"));
+    }
+    if spec == "mmio" {
+        let mut names: Vec<String> = fs::read_dir("/sys/block")
+            .map_err(|e| format!("read /sys/block: {e}"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("vd"))
+            .collect();
+        names.sort();
+        for n in names {
+            let path = fs::canonicalize(format!("/sys/block/{n}")).unwrap_or_default();
+            if !path.display().to_string().contains("/pci0000:") {
+                return Ok(format!("/dev/{n}"));
+            }
+        }
+        return Err("no virtio-mmio block device".to_string());
+    }
+    Ok(spec.to_string())
+}
+
+/// `guest.disk`, resolved ([`resolve_disk`]); the first of a comma-separated list.
+fn disk_dev(ctx: &Ctx) -> Result<String, String> {
+    let spec = ctx.cmdline.get("guest.disk").unwrap_or("/dev/vda");
+    resolve_disk(spec.split(',').next().unwrap_or(spec))
 }
 
 fn read(path: &str) -> Result<String, String> {
@@ -340,8 +386,20 @@ fn open_direct(dev: &str, write: bool) -> Result<File, String> {
 /// `disk`: writes the pattern (pattern.rs, `guest.disk_seed`) over the first `guest.disk_mib`
 /// MiB of `guest.disk` with O_DIRECT, syncs, drops the page cache and reads it back.
 fn disk(ctx: &Ctx) -> CheckResult {
-    let dev = disk_path(ctx.cmdline.get("guest.disk").unwrap_or("/dev/vda"))?;
-    let dev = dev.as_str();
+    // A comma-separated list: the same pattern on each disk, in order.
+    let specs = ctx
+        .cmdline
+        .get("guest.disk")
+        .unwrap_or("/dev/vda")
+        .to_string();
+    for spec in specs.split(',') {
+        let dev = resolve_disk(spec)?;
+        disk_one(ctx, &dev)?;
+    }
+    Ok(())
+}
+
+fn disk_one(ctx: &Ctx, dev: &str) -> CheckResult {
     let mib = ctx.cmdline.get_u64("guest.disk_mib", 8)?;
     let seed = ctx.cmdline.get_u64("guest.disk_seed", 1)?;
     let len = mib << 20;
@@ -409,7 +467,8 @@ fn disk(ctx: &Ctx) -> CheckResult {
 fn irq_affinity(ctx: &Ctx) -> CheckResult {
     let name = ctx.cmdline.get("guest.irq_match").unwrap_or("virtio1");
     let kib = ctx.cmdline.get_u64("guest.affinity_io_kib", 512)?;
-    let dev = ctx.cmdline.get("guest.disk").unwrap_or("/dev/vda");
+    let dev = disk_dev(ctx)?;
+    let dev = dev.as_str();
     let find = |text: &str| -> Option<(String, Vec<u64>, String)> {
         let mut lines = text.lines();
         let ncpus = parse::interrupts_cpu_columns(lines.next()?);
@@ -463,7 +522,15 @@ fn irq_affinity(ctx: &Ctx) -> CheckResult {
 /// `fio`: runs /usr/bin/fio with the `+`-separated arguments of `guest.fio=`, prints its
 /// output (stdout and stderr) as `GUEST_FIO <line>`; PASS iff it exits 0.
 fn fio(ctx: &Ctx) -> CheckResult {
-    let args = parse::fio_args(ctx.cmdline.get("guest.fio").ok_or("guest.fio= not set")?);
+    // `@pci` / `@mmio` in an argument: that transport's disk (see `resolve_disk`).
+    let mut args = parse::fio_args(ctx.cmdline.get("guest.fio").ok_or("guest.fio= not set")?);
+    for a in &mut args {
+        for (token, spec) in [("@pci", "pci:0000:00:01.0"), ("@mmio", "mmio")] {
+            if a.contains(token) {
+                *a = a.replace(token, &resolve_disk(spec)?);
+            }
+        }
+    }
     fact("fio", "args", args.join(" "));
     let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let mut child = {

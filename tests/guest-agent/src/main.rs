@@ -14,6 +14,7 @@ mod marker;
 mod parse;
 #[allow(dead_code)] // shared with host-side tests, which use all of it
 mod pattern;
+mod vfio;
 
 use std::ffi::CString;
 use std::io::{self, Write};
