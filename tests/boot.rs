@@ -584,7 +584,7 @@ fn device_tree_boot_with_virtio_iommu() {
     out.assert_check("serial-irq");
     let line = out.fact("serial-irq.line");
     assert!(line.contains("IO-APIC") && line.contains("ttyS0"), "{line}");
-    assert_eq!(out.stat("/interrupts/userspace_injected"), 0);
+    assert_eq!(out.stat("/interrupts/signal_msi"), 0);
 
     // virtio-iommu bound from DT; only the disk with `iommus` is behind it.
     assert!(
