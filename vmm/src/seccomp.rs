@@ -209,6 +209,16 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
+/// Makes the C library stay inside the allowlists. glibc's `free()` may trim a thread arena's
+/// heap, and the first time it does it reads `/proc/sys/vm/overcommit_memory` (`openat`), which
+/// no filtered thread may do: a vCPU freeing a 64 KiB buffer was killed by SIGSYS exactly so.
+/// A fixed `M_TRIM_THRESHOLD` that is never reached turns heap trimming off (large blocks are
+/// still `mmap`ed and `munmap`ed). Call once, before any filter is installed.
+pub fn prepare_process() {
+    // SAFETY: mallopt only changes allocator tunables; no pointers.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+}
+
 /// Compiles the filter of `kind` for `mode`; `None` with [`SeccompMode::Off`].
 pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<Filter>, SeccompError> {
     let mismatch = match mode {

@@ -388,6 +388,9 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<Option<()>>>) {
 
 /// Builds the VM described by `cfg`, runs it until it stops, and reports why.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
+    if cfg.seccomp != seccomp::SeccompMode::Off {
+        seccomp::prepare_process();
+    }
     let started = Instant::now();
     // Built first: a broken rule is a set-up error before anything runs.
     let vcpu_filter = seccomp::filter(ThreadKind::Vcpu, cfg.seccomp).map_err(VmError::Seccomp)?;

@@ -31,6 +31,32 @@ impl QueueHandler for SocketOpener {
     }
 }
 
+/// A vCPU-filtered thread that allocates and frees large buffers, as the overhead sampler
+/// does on a vCPU: glibc's free() then trims the thread's arena. `prepare` = call
+/// `prepare_process` first (the VMM does).
+fn child_frees(prepare: bool) -> ! {
+    vmm::fatal::install_panic_hook();
+    if prepare {
+        vmm::seccomp::prepare_process();
+    }
+    let t = vmm::seccomp::spawn(
+        "vcpu0".into(),
+        filter(ThreadKind::Vcpu, SeccompMode::On).unwrap(),
+        || {
+            // Below the mmap threshold, so in the thread's arena; freed together they leave
+            // a top chunk far above the trim threshold.
+            for _ in 0..4 {
+                let bufs: Vec<Vec<u8>> = (0..32).map(|n| vec![n as u8; 100 << 10]).collect();
+                std::hint::black_box(&bufs);
+                drop(bufs);
+            }
+        },
+    )
+    .unwrap();
+    let _ = t.join();
+    std::process::exit(42)
+}
+
 /// The child's body: a real virtio-blk worker thread with its real filter, kicked once.
 fn child(mode: SeccompMode) -> ! {
     vmm::fatal::install_panic_hook();
@@ -61,6 +87,8 @@ fn child_entry() {
     match std::env::var("SECCOMP_CHILD").as_deref() {
         Ok("on") => child(SeccompMode::On),
         Ok("log") => child(SeccompMode::Log),
+        Ok("frees") => child_frees(true),
+        Ok("frees-unprepared") => child_frees(false),
         _ => {}
     }
 }
@@ -78,4 +106,15 @@ fn forbidden_call_in_a_device_worker_kills_the_vmm_with_sigsys() {
 fn with_seccomp_log_the_forbidden_call_goes_through() {
     let status = run_child("log");
     assert_eq!(status.code(), Some(42), "{status:?}");
+}
+
+/// Regression: a vCPU was killed by SIGSYS when glibc's free() trimmed its arena and opened
+/// /proc/sys/vm/overcommit_memory; `prepare_process` turns that trimming off.
+#[test]
+fn freeing_large_buffers_under_a_filter_does_not_make_glibc_open_files() {
+    let status = run_child("frees");
+    assert_eq!(status.code(), Some(42), "{status:?}");
+    // And the hazard is real: without it the same thread dies.
+    let status = run_child("frees-unprepared");
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
 }
