@@ -548,6 +548,22 @@ impl DeviceManager {
                 Box::new(move || t.interrupt_acks.load(Ordering::Relaxed)),
             ));
         }
+        if let Some(iommu) = &self.iommu {
+            use devices::virtio::iommu::protocol::{
+                VIRTIO_IOMMU_S_OK, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP,
+            };
+            for (name, t) in [("map", VIRTIO_IOMMU_T_MAP), ("unmap", VIRTIO_IOMMU_T_UNMAP)] {
+                let iommu = iommu.clone();
+                out.push((
+                    format!("iommu.{name}"),
+                    Box::new(move || {
+                        lock(&iommu)
+                            .stats()
+                            .requests_with(t, usize::from(VIRTIO_IOMMU_S_OK))
+                    }),
+                ));
+            }
+        }
         for (name, msix) in &self.pci_counted {
             for (v, line) in msix.lines.iter().enumerate() {
                 let line = line.clone();
