@@ -24,8 +24,7 @@ fn bench_fio_one_configuration_three_seconds() {
         .expect("run bench-fio.sh");
     assert!(status.success(), "bench-fio.sh failed: {status}");
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let configs = json["configs"].as_array().unwrap();
     assert_eq!(configs.len(), 1, "{json}");
     let c = &configs[0];
@@ -92,14 +91,20 @@ fn ab_compare_flags_only_significant_changes_of_five_percent() {
     let new = temp_path("new.json");
     std::fs::write(
         &base,
-        results(&[100.0, 101.0, 99.0, 100.5, 99.5], &[2.0, 2.0, 2.0, 2.01, 1.99]),
+        results(
+            &[100.0, 101.0, 99.0, 100.5, 99.5],
+            &[2.0, 2.0, 2.0, 2.01, 1.99],
+        ),
     )
     .unwrap();
     // IOPS 10 % lower, clearly separated: a regression. Exits 1 % higher but separated:
     // significant yet below 5 %, so not flagged.
     std::fs::write(
         &new,
-        results(&[90.0, 90.5, 89.5, 90.2, 89.8], &[2.03, 2.02, 2.02, 2.03, 2.02]),
+        results(
+            &[90.0, 90.5, 89.5, 90.2, 89.8],
+            &[2.03, 2.02, 2.02, 2.03, 2.02],
+        ),
     )
     .unwrap();
     let out = Command::new("bash")
