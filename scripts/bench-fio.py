@@ -303,6 +303,9 @@ set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set grid ytics
+set bmargin 6
+set offsets 0, 0, graph 0.15, 0
+set yrange [0:*]
 set xtics rotate by 0 font ",7"
 set ylabel "IOPS (4 KiB, iodepth 32)"
 plot "{data.name}" using 3:xtic(2) title "randread", "" using 4 title "randwrite"
