@@ -56,10 +56,12 @@ cmd_for() {
     qemu)
       # q35 with an Intel vendor: QEMU's qemu64 model is AMD without XSAVEERPTR, which makes
       # this guest take an FPU path the PVM emulator cannot run (resources/guest/README.md).
+      # shellcheck disable=SC2054 # the commas are QEMU's option syntax
       cmd=(qemu-system-x86_64 -enable-kvm -M q35 -cpu qemu64,vendor=GenuineIntel,+x2apic,-cx16
         -m 256 -smp "$cpus" -nodefaults -vga none -display none -serial stdio -monitor none
         -no-reboot -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" -append "$cmdline")
       if [[ $cfg == iommu ]]; then
+        # shellcheck disable=SC2054
         cmd+=(-device virtio-iommu-pci -drive "file=$disk,if=none,id=d0,format=raw,cache=none"
           -device virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on)
       fi
@@ -94,17 +96,22 @@ print("{},{},{},{},{}".format(j.get("boot_to_init_ms"), o.get("first_kvm_run_ms"
   done
 done
 
-median() { printf '%s\n' "$@" | grep -v NaN | sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "NaN"}'; }
-ratio() { [[ $1 == NaN || $2 == NaN ]] && echo n/a || echo "$1 $2" | awk '{printf "%.2f", $1 / $2}'; }
+median() {
+  printf '%s\n' "$@" | grep -v NaN | sort -n |
+    awk '{a[NR]=$1} END {if (!NR) print "NaN"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+ratio() {
+  if [[ $1 == NaN || $2 == NaN ]]; then echo n/a; else echo "$1 $2" | awk '{printf "%.2f", $1 / $2}'; fi
+}
 echo
 echo "| config | VMM | vCPUs | runs | init (ms) each | median init (s) | median exit (s) | init / qemu | init / ch |"
 echo "|---|---|---|---|---|---|---|---|---|"
+# shellcheck disable=SC2086 # the samples are space-separated words on purpose
 for cfg in $configs; do
   q=NaN; c=NaN
   [[ -n "${init_ms[qemu.$cfg]:-}" ]] && q=$(median ${init_ms[qemu.$cfg]})
   [[ -n "${init_ms[ch.$cfg]:-}" ]] && c=$(median ${init_ms[ch.$cfg]})
   for v in "${vmms[@]}"; do
-    # shellcheck disable=SC2086 # word splitting of the space-separated samples is intended
     mi=$(median ${init_ms[$v.$cfg]}); me=$(median ${exit_ms[$v.$cfg]})
     printf '| %s | %s | %s | %s | %s| %s | %s | %s | %s |\n' "$cfg" "$v" "$cpus" "$n" \
       "${init_ms[$v.$cfg]}" "$(ratio "$mi" 1000)" "$(ratio "$me" 1000)" "$(ratio "$mi" "$q")" "$(ratio "$mi" "$c")"

@@ -11,7 +11,8 @@ builds the VMM and the guest); Python 3 standard library only.
 One guest boot per configuration (and per repeat): the guest agent's `fio` check runs the jobs
 on /dev/vda; the VMM's counters at the check's start and end marks give the per-I/O figures
 (exact, even where the guest is emulated): register exits, interrupts, MAP/UNMAP requests and
-CPU time of the VMM's threads. Outputs in --out: results.json, results.md, results.png.
+CPU time of the VMM's threads. Outputs in --out: results.json, results.md, results.png, and
+each run's console + stderr in logs/.
 """
 
 import argparse
@@ -170,6 +171,13 @@ def run_one(cfg, a, fio_args, workdir):
            "process_cpu_s": round(after.ru_utime + after.ru_stime
                                   - before.ru_utime - before.ru_stime, 2)}
     lines = out.splitlines()
+    # The console and the VMM's stderr, for looking into a run afterwards.
+    logs = os.path.join(a.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    log_name = re.sub(r"[^A-Za-z0-9=.-]+", "_", cfg["name"]) + f"-{len(os.listdir(logs))}.log"
+    with open(os.path.join(logs, log_name), "w") as f:
+        f.write(out + "\n--- stderr ---\n" + err)
+    res["log"] = os.path.join("logs", log_name)
     fio = fio_json(lines)
     if fio is None:
         res["error"] = (f"no fio JSON (exit {p.returncode}): "
@@ -295,6 +303,9 @@ set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set grid ytics
+set bmargin 6
+set offsets 0, 0, graph 0.15, 0
+set yrange [0:*]
 set xtics rotate by 0 font ",7"
 set ylabel "IOPS (4 KiB, iodepth 32)"
 plot "{data.name}" using 3:xtic(2) title "randread", "" using 4 title "randwrite"

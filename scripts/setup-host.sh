@@ -37,5 +37,11 @@ command -v cargo >/dev/null || { echo "setup-host: cargo (Rust toolchain) is req
 if [[ ! -e /dev/kvm ]]; then
   echo "setup-host: WARNING: /dev/kvm is missing; the VMM and its KVM tests need it (enable virtualization, load kvm_intel/kvm_amd)" >&2
 elif [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
-  echo "setup-host: WARNING: $(id -un) cannot open /dev/kvm ($(stat -c '%U:%G %a' /dev/kvm)): add yourself to its group, e.g. 'sudo usermod -aG $(stat -c %G /dev/kvm) $(id -un)', then log in again (or 'newgrp $(stat -c %G /dev/kvm)')" >&2
+  kvm_group=$(stat -c %G /dev/kvm)
+  if [[ $kvm_group == root ]] || (( ($(stat -c %a /dev/kvm) / 10 % 10) < 6 )); then
+    # Not group-accessible (Debian's udev rule normally makes it root:kvm 0660).
+    echo "setup-host: WARNING: $(id -un) cannot open /dev/kvm ($(stat -c '%U:%G %a' /dev/kvm)): make it group kvm, mode 0660 ('sudo chgrp kvm /dev/kvm && sudo chmod 660 /dev/kvm'; the udev rule of Debian's systemd does this at boot), then 'sudo usermod -aG kvm $(id -un)' and log in again" >&2
+  else
+    echo "setup-host: WARNING: $(id -un) cannot open /dev/kvm ($(stat -c '%U:%G %a' /dev/kvm)): 'sudo usermod -aG $kvm_group $(id -un)', then log in again (or 'newgrp $kvm_group')" >&2
+  fi
 fi

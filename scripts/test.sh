@@ -32,4 +32,6 @@ cargo test -p e2e --test cli
 step "guest boot tests"
 # One boot at a time: the host has 2 cores and boot times are reported.
 cargo test -p e2e --test boot -- --test-threads=1 --nocapture
+step "bench-fio (one configuration, 3 s)"
+cargo test -p e2e --test bench_fio -- --test-threads=1 --nocapture
 step "done"

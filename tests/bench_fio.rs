@@ -62,6 +62,16 @@ fn bench_fio_one_configuration_three_seconds() {
     assert!(md.contains("vmm mmio iommu=strict remap=off"), "{md}");
     let png = std::fs::read(out.join("results.png")).expect("results.png (gnuplot-nox)");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    // The same boot shows that Linux found the VMM's MP table (so its search stopped at
+    // 639 KiB instead of scanning the BIOS area).
+    let log = c["log"].as_str().map(|l| out.join(l));
+    let runs = json["runs"].as_array().unwrap();
+    let log = log.or_else(|| runs[0]["log"].as_str().map(|l| out.join(l)));
+    let console = std::fs::read_to_string(log.expect("a run log")).unwrap();
+    assert!(
+        console.contains("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"),
+        "no MP table found by the guest"
+    );
 }
 
 /// A results file with `runs` samples per metric around `mean`.

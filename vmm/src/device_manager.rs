@@ -635,6 +635,8 @@ mod tests {
             firmware: crate::config::Firmware::Acpi,
             iommu_dma: iommu,
             iommu_intremap: false,
+            debug_exit: false,
+            timeout: None,
             disks: disks
                 .iter()
                 .map(|&behind| DiskConfig {
