@@ -651,8 +651,6 @@ mod tests {
             stats: false,
             stats_json: None,
             seccomp: crate::config::SeccompMode::Off,
-            debug_exit: false,
-            timeout: None,
         }
     }
 
