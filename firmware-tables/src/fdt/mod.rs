@@ -4,8 +4,7 @@
 //! same validation ([`crate::acpi`]'s rules), so the two descriptions cannot disagree: the
 //! VIOT's endpoint IDs are the `iommus` specifiers here, the MADT's IOAPIC and LAPIC are the
 //! `intel,ce4100-*` nodes, the DSDT's `LNRO0005` windows and interrupts are the `virtio,mmio`
-//! nodes. Layout (Linux 6.12 arch/x86/kernel/devicetree.c, drivers/of/; see
-//! shared/design/dt-x86.md):
+//! nodes. Layout (what Linux 6.12's arch/x86/kernel/devicetree.c and drivers/of/ parse):
 //!
 //! ```text
 //! / { compatible = "vmm,x86-virt"; #address-cells = <2>; #size-cells = <2>;
