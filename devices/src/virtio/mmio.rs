@@ -44,7 +44,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, DeviceMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    activate_with_queue_copies, DeviceMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
 use crate::bus::BusDevice;
@@ -542,17 +542,8 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        // The transport keeps its queues for register reads; the device gets copies. A
-        // queue's own state always converts back (it was built through the same checks).
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| Queue::try_from(q.state()).map_err(|_| ActivateError::InvalidQueue(i)))
-            .collect::<Result<Vec<_>, _>>();
-        let result = queues.and_then(|queues| {
-            lock(&self.device).activate(self.mem.clone(), queues, self.interrupt.clone())
-        });
+        let result =
+            activate_with_queue_copies(&self.device, &self.mem, &self.queues, &self.interrupt);
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
@@ -638,7 +629,7 @@ fn valid_queue_size(max: u16) -> u16 {
 mod tests {
     use super::*;
     use crate::interrupt::CountingLine;
-    use crate::virtio::device_memory;
+    use crate::virtio::{device_memory, ActivateError};
     use vm_memory::GuestMemoryMmap;
 
     const FAKE_DEVICE_TYPE: u32 = 42;

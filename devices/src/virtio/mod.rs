@@ -18,7 +18,7 @@
 //! wrapper). Every descriptor access is translated and permission-checked in one place.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -277,4 +277,21 @@ pub fn device_memory(mem: GuestMemoryMmap, iommu: Option<iommu::EndpointIommu>) 
         Some(i) => vm_memory::IommuMemory::new(mem, i, true, ()),
         None => vm_memory::IommuMemory::new(mem, iommu::EndpointIommu::passthrough(), false, ()),
     }
+}
+
+/// Activates `device` at DRIVER_OK with copies of a transport's `queues` (the transport keeps
+/// its own for register reads). A queue's own state always converts back: it was built through
+/// the same checks. Shared by the virtio-mmio and virtio-pci transports.
+pub(crate) fn activate_with_queue_copies(
+    device: &Mutex<dyn VirtioDevice>,
+    mem: &DeviceMemory,
+    queues: &[Queue],
+    interrupt: &Arc<VirtioInterrupt>,
+) -> Result<(), ActivateError> {
+    let queues = queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Queue::try_from(q.state()).map_err(|_| ActivateError::InvalidQueue(i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::sync::lock(device).activate(mem.clone(), queues, interrupt.clone())
 }

@@ -39,8 +39,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice, VirtioInterrupt,
-    VirtioMsix, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MSI_NO_VECTOR,
+    activate_with_queue_copies, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice,
+    VirtioInterrupt, VirtioMsix, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MSI_NO_VECTOR,
 };
 use crate::pci::msix::{self, MsixSink, MsixTable, MsixVectors};
 use crate::pci::{regs, BarInfo, PciConfig, PciError, PciFunction};
@@ -531,15 +531,8 @@ impl VirtioPciTransport {
             self.fail();
             return;
         }
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| Queue::try_from(q.state()).map_err(|_| ActivateError::InvalidQueue(i)))
-            .collect::<Result<Vec<_>, _>>();
-        let result = queues.and_then(|queues| {
-            lock(&self.device).activate(self.mem.clone(), queues, self.interrupt.clone())
-        });
+        let result =
+            activate_with_queue_copies(&self.device, &self.mem, &self.queues, &self.interrupt);
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
