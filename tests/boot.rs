@@ -98,19 +98,7 @@ fn assert_interrupt_remapping(out: &GuestOutput) {
         "interrupt remapping not enabled\n{}",
         out.transcript()
     );
-    let lines = out
-        .facts
-        .get("interrupts.line")
-        .cloned()
-        .unwrap_or_default();
-    for name in ["ttyS0", "virtio1"] {
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("IR-IO-APIC") && l.contains(name)),
-            "{name} is not an IR-IO-APIC interrupt: {lines:?}"
-        );
-    }
+    assert_remapped_interrupts(out, "IR-IO-APIC", &["ttyS0", "virtio1"]);
     out.assert_check("irq-affinity");
     // Counter deltas between the guest's marks: exact, no log timing involved.
     let rebuilt = out.during("irq-affinity", "routes_rebuilt");
@@ -138,6 +126,21 @@ fn assert_interrupt_remapping(out: &GuestOutput) {
         "a legitimate interrupt was blocked"
     );
     assert_eq!(out.stat("/irqs_blocked"), 0);
+}
+
+/// Each of `names` has a /proc/interrupts line (the `interrupts` check) of chip `kind`.
+fn assert_remapped_interrupts(out: &GuestOutput, kind: &str, names: &[&str]) {
+    let lines = out
+        .facts
+        .get("interrupts.line")
+        .cloned()
+        .unwrap_or_default();
+    for name in names {
+        assert!(
+            lines.iter().any(|l| l.contains(kind) && l.contains(name)),
+            "{name} is not an {kind} interrupt: {lines:?}"
+        );
+    }
 }
 
 /// During fio, what reached the VMM: the virtio-mmio disk costs exactly two register exits
@@ -360,19 +363,7 @@ fn pci_msix_disk_with_iommu_and_vfio() {
         "the PCI function is in no IOMMU group\n{}",
         out.transcript()
     );
-    let lines = out
-        .facts
-        .get("interrupts.line")
-        .cloned()
-        .unwrap_or_default();
-    for q in ["req.0", "req.1"] {
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("IR-PCI-MSIX") && l.contains(q)),
-            "queue {q} is not an IR-PCI-MSIX interrupt: {lines:?}"
-        );
-    }
+    assert_remapped_interrupts(&out, "IR-PCI-MSIX", &["req.0", "req.1"]);
     assert_disk_written(&out, &pci_disk);
     assert_eq!(out.stat("/iommu/faults"), 0, "endpoint DMA faulted");
 
