@@ -205,6 +205,11 @@ impl Ioapic {
         }
     }
 
+    /// The ID the IOAPIC was created with (the MADT's; the guest may rewrite the ID register).
+    pub fn platform_id(&self) -> u8 {
+        self.reset_id
+    }
+
     /// The raw 64-bit redirection entry of `pin`. A pin that does not exist reads as a reset
     /// (masked) entry.
     pub fn redirection_entry(&self, pin: usize) -> u64 {

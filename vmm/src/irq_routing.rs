@@ -50,23 +50,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
 use arch::layout;
-use devices::remap::{
-    remap_index, BlockReason, Blocked, RemapSink, RemapStats, RemapUnit, RouteInvalidation,
-    UnitEvent,
-};
+use devices::remap::{remap_index, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
 use devices::sync::lock;
 use devices::{guest_warn, BusDevice, Ioapic, IoapicSink, IoapicStats, MsiMessage};
 
 use crate::interrupts::{InterruptManager, ParkedHandler};
+use crate::remapper::{InterruptRemapper, IrqSource, RemapBlocked, RemapperStats, RouterSink};
 
 /// Number of IOAPIC pins.
 const PINS: usize = layout::IOAPIC_PINS as usize;
-/// At most this many faults are recorded for one batch of triggers of a parked source: the
-/// unit has 8 fault recording registers, so more can only overflow. All are counted.
-const MAX_FAULTS_PER_BATCH: u64 = 16;
 
 /// What a source's route is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Route {
     /// The guest masked the source: no route (an edge source's interrupt is dropped, as by
     /// a masked IOAPIC pin).
@@ -74,7 +69,7 @@ enum Route {
     /// The message KVM delivers.
     Routed(MsiMessage),
     /// Interrupt remapping blocks it: no route, the source is parked.
-    Blocked(Blocked),
+    Blocked(RemapBlocked),
     /// A masked MSI-X vector: no route, the source is parked, and each trigger sets its
     /// pending bit ([`HeldVector::fired_while_held`]) instead of being dropped.
     Held,
@@ -104,12 +99,12 @@ impl Route {
 }
 
 /// One interrupt source: an IOAPIC pin or an MSI vector.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Source {
     /// The guest-programmed message (`None`: masked).
     msg: Option<MsiMessage>,
-    /// The requester ID the remapping unit checks.
-    source_id: u16,
+    /// Who raises it (the identity the remapper checks).
+    origin: IrqSource,
     /// [`remap_index`] of `msg`, for index-selective invalidations.
     index: Option<u32>,
     /// The route in KVM.
@@ -117,10 +112,10 @@ struct Source {
 }
 
 impl Source {
-    fn new(msg: Option<MsiMessage>, source_id: u16) -> Source {
+    fn new(msg: Option<MsiMessage>, origin: IrqSource) -> Source {
         Source {
             msg,
-            source_id,
+            origin,
             index: msg.and_then(remap_index),
             route: Route::Masked,
         }
@@ -155,7 +150,7 @@ struct Core {
 /// Routes every interrupt source of the VM; see the [module documentation](self).
 pub struct IrqRouter {
     ioapic: Ioapic,
-    unit: Option<RemapUnit>,
+    unit: Option<Box<dyn InterruptRemapper>>,
     core: Core,
 }
 
@@ -183,17 +178,17 @@ impl IoapicEoi for Mutex<IrqRouter> {
 }
 
 impl Core {
-    /// The route for `msg` from `source_id`: translated through `unit` when there is one.
-    fn translate(unit: Option<&mut RemapUnit>, msg: MsiMessage, source_id: u16) -> Route {
+    /// The route for `msg` from `origin`: translated through `unit` when there is one.
+    fn translate(
+        unit: Option<&mut dyn InterruptRemapper>,
+        msg: MsiMessage,
+        origin: IrqSource,
+    ) -> Route {
         let result = match unit {
-            Some(unit) => unit.translate(msg, source_id),
+            Some(unit) => unit.translate(msg, origin),
             // Without a remapping unit a remappable-format message means nothing.
             None => match remap_index(msg) {
-                Some(index) => Err(Blocked {
-                    reason: BlockReason::RemappingDisabled,
-                    index: Some(index),
-                    fault_processing_disable: false,
-                }),
+                Some(index) => Err(RemapBlocked::NoRemapper { index }),
                 None => Ok(msg),
             },
         };
@@ -206,7 +201,7 @@ impl Core {
     /// Recomputes the routes of `gsis` and sends every change to KVM in one batch; parks the
     /// sources that became blocked (before their route goes) and unparks those that no longer
     /// are (after their route is in KVM).
-    fn refresh(&mut self, mut unit: Option<&mut RemapUnit>, gsis: Vec<u32>, why: &str) {
+    fn refresh(&mut self, mut unit: Option<&mut dyn InterruptRemapper>, gsis: Vec<u32>, why: &str) {
         let mut updates = Vec::with_capacity(gsis.len());
         let mut park = Vec::new();
         let mut unpark = Vec::new();
@@ -217,15 +212,15 @@ impl Core {
             let route = match source.msg {
                 None if self.held.contains_key(&gsi) => Route::Held,
                 None => Route::Masked,
-                Some(m) => Core::translate(unit.as_deref_mut(), m, source.source_id),
+                Some(m) => Core::translate(reborrow(&mut unit), m, source.origin),
             };
             match (source.route.parked(), route.parked()) {
                 (false, true) => park.push(gsi),
-                (true, false) => unpark.push((gsi, source.route, source.source_id)),
+                (true, false) => unpark.push((gsi, source.route.clone(), source.origin)),
                 _ => {}
             }
-            source.route = route;
             updates.push((gsi, route.kvm()));
+            source.route = route;
         }
         for &gsi in &park {
             if let Err(e) = self.interrupts.park(gsi, Arc::clone(&self.parked_handler)) {
@@ -244,11 +239,11 @@ impl Core {
             }
             Err(e) => log::error!("irq: cannot update routes after {why}: {e}"),
         }
-        for (gsi, old, source_id) in unpark {
+        for (gsi, old, origin) in unpark {
             match (self.interrupts.unpark(gsi), old) {
                 // Triggers that came in while the source was still blocked.
                 (Ok(pending), Route::Blocked(blocked)) if pending > 0 => {
-                    self.blocked(unit.as_deref_mut(), &blocked, source_id, pending)
+                    self.blocked(reborrow(&mut unit), &blocked, origin, pending)
                 }
                 // Triggers of a masked vector not yet polled: its pending bit (delivered by
                 // the MSI-X layer once the vector is released).
@@ -266,9 +261,9 @@ impl Core {
     /// `count` interrupt requests that `blocked` stops: recorded by the unit.
     fn blocked(
         &mut self,
-        unit: Option<&mut RemapUnit>,
-        blocked: &Blocked,
-        source_id: u16,
+        unit: Option<&mut dyn InterruptRemapper>,
+        blocked: &RemapBlocked,
+        origin: IrqSource,
         count: u64,
     ) {
         self.blocked_requests += count;
@@ -277,27 +272,25 @@ impl Core {
             .blocked_requests
             .fetch_add(count, Ordering::Relaxed);
         if let Some(unit) = unit {
-            for _ in 0..count.min(MAX_FAULTS_PER_BATCH) {
-                unit.request_blocked(blocked, source_id, self);
-            }
+            unit.request_blocked(blocked, origin, count, self);
         }
     }
 
     /// Recomputes the routes of the sources changed since the last flush.
-    fn flush(&mut self, unit: Option<&mut RemapUnit>, why: &str) {
+    fn flush(&mut self, unit: Option<&mut dyn InterruptRemapper>, why: &str) {
         let dirty: Vec<u32> = std::mem::take(&mut self.dirty).into_iter().collect();
         if !dirty.is_empty() {
             self.refresh(unit, dirty, why);
         }
     }
 
-    fn set_message(&mut self, gsi: u32, msg: Option<MsiMessage>, source_id: u16) {
+    fn set_message(&mut self, gsi: u32, msg: Option<MsiMessage>, origin: IrqSource) {
         let source = self
             .sources
             .entry(gsi)
-            .or_insert_with(|| Source::new(None, source_id));
+            .or_insert_with(|| Source::new(None, origin));
         source.msg = msg;
-        source.source_id = source_id;
+        source.origin = origin;
         source.index = msg.and_then(remap_index);
         self.dirty.insert(gsi);
     }
@@ -310,14 +303,14 @@ impl IoapicSink for Core {
         };
         // Pins are created with the router; the IOAPIC has no others.
         if let Some(source) = self.sources.get(&gsi) {
-            let source_id = source.source_id;
-            self.set_message(gsi, msg, source_id);
+            let origin = source.origin;
+            self.set_message(gsi, msg, origin);
         }
     }
 }
 
-impl RemapSink for Core {
-    fn invalidate(&mut self, unit: &mut RemapUnit, inv: RouteInvalidation) {
+impl RouterSink for Core {
+    fn invalidate(&mut self, unit: &mut dyn InterruptRemapper, inv: RouteInvalidation) {
         let affected: Vec<u32> = self
             .sources
             .iter()
@@ -349,8 +342,27 @@ impl RemapSink for Core {
     }
 }
 
+/// A shorter borrow of an optional unit (`Option::as_deref_mut` keeps the object lifetime,
+/// which `&mut` makes invariant).
+fn reborrow<'a>(
+    unit: &'a mut Option<&mut dyn InterruptRemapper>,
+) -> Option<&'a mut dyn InterruptRemapper> {
+    match unit {
+        Some(unit) => Some(&mut **unit),
+        None => None,
+    }
+}
+
+/// The router's unit, for the [`Core`] functions that translate through it.
+fn unit_mut(unit: &mut Option<Box<dyn InterruptRemapper>>) -> Option<&mut dyn InterruptRemapper> {
+    match unit {
+        Some(unit) => Some(unit.as_mut()),
+        None => None,
+    }
+}
+
 impl IrqRouter {
-    /// A router owning `ioapic` and, with interrupt remapping, `unit`. The IOAPIC's pins
+    /// A router owning `ioapic` and, with VT-d interrupt remapping, `unit`. The IOAPIC's pins
     /// are sources with requester ID `ioapic_source_id` (the DMAR device scope's).
     pub fn new(
         ioapic: Ioapic,
@@ -358,12 +370,30 @@ impl IrqRouter {
         interrupts: Arc<InterruptManager>,
         ioapic_source_id: u16,
     ) -> Arc<Mutex<IrqRouter>> {
+        let unit = unit.map(|u| Box::new(u) as Box<dyn InterruptRemapper>);
+        IrqRouter::with_remapper(ioapic, unit, interrupts, ioapic_source_id)
+    }
+
+    /// A router owning `ioapic` and, with interrupt remapping, `unit` (VT-d or PV-IR). The
+    /// IOAPIC's pins are sources with requester ID `ioapic_source_id`.
+    pub fn with_remapper(
+        ioapic: Ioapic,
+        unit: Option<Box<dyn InterruptRemapper>>,
+        interrupts: Arc<InterruptManager>,
+        ioapic_source_id: u16,
+    ) -> Arc<Mutex<IrqRouter>> {
         Arc::new_cyclic(|weak: &Weak<Mutex<IrqRouter>>| {
+            let ioapic_id = ioapic.platform_id();
             let sources = (0..PINS)
                 .map(|pin| {
                     // Lossless: PINS is 24.
                     let gsi = pin as u32;
-                    (gsi, Source::new(ioapic.pin_msi(pin), ioapic_source_id))
+                    let origin = IrqSource::IoapicPin {
+                        ioapic_id,
+                        pin: pin as u8,
+                        requester_id: ioapic_source_id,
+                    };
+                    (gsi, Source::new(ioapic.pin_msi(pin), origin))
                 })
                 .collect();
             let mut router = IrqRouter {
@@ -378,7 +408,7 @@ impl IrqRouter {
                     held: BTreeMap::new(),
                 },
             };
-            router.core.flush(router.unit.as_mut(), "start-up");
+            router.core.flush(unit_mut(&mut router.unit), "start-up");
             Mutex::new(router)
         })
     }
@@ -391,7 +421,8 @@ impl IrqRouter {
     /// A guest write to the IOAPIC window: the changed pin's route is recomputed and pushed.
     pub fn ioapic_write(&mut self, offset: u64, data: &[u8]) {
         self.ioapic.write(offset, data, &mut self.core);
-        self.core.flush(self.unit.as_mut(), "an IOAPIC entry write");
+        self.core
+            .flush(unit_mut(&mut self.unit), "an IOAPIC entry write");
     }
 
     /// A guest read of the remapping unit's registers (zeros without a unit).
@@ -423,9 +454,13 @@ impl IrqRouter {
                 log::error!("irq: GSI {} is an IOAPIC pin, not an MSI source", s.gsi);
                 continue;
             }
-            self.core.set_message(s.gsi, s.msg, s.source_id);
+            let origin = IrqSource::Msi {
+                requester_id: s.source_id,
+            };
+            self.core.set_message(s.gsi, s.msg, origin);
         }
-        self.core.flush(self.unit.as_mut(), "an MSI source update");
+        self.core
+            .flush(unit_mut(&mut self.unit), "an MSI source update");
     }
 
     /// Makes `gsi` an MSI-X vector of requester `source_id`: while its message is `None`
@@ -437,9 +472,15 @@ impl IrqRouter {
             return;
         }
         self.core.held.insert(gsi, vector);
-        self.core.set_message(gsi, None, source_id);
+        self.core.set_message(
+            gsi,
+            None,
+            IrqSource::Msi {
+                requester_id: source_id,
+            },
+        );
         self.core
-            .flush(self.unit.as_mut(), "an MSI-X vector registration");
+            .flush(unit_mut(&mut self.unit), "an MSI-X vector registration");
     }
 
     /// [`IrqRouter::set_msi_sources`] for one source.
@@ -466,11 +507,11 @@ impl IrqRouter {
         let Some(source) = self.core.sources.get(&gsi) else {
             return;
         };
-        match source.route {
+        match &source.route {
             Route::Blocked(blocked) => {
-                let source_id = source.source_id;
+                let (blocked, origin) = (blocked.clone(), source.origin);
                 self.core
-                    .blocked(self.unit.as_mut(), &blocked, source_id, count);
+                    .blocked(unit_mut(&mut self.unit), &blocked, origin, count);
             }
             // Unparked meanwhile (the poller read the eventfd just before): the requests
             // were made while it was blocked, but what blocked them is gone.
@@ -494,10 +535,10 @@ impl IrqRouter {
     /// Platform reset: every pin masked, the unit in its reset state, routes recomputed.
     pub fn reset(&mut self) {
         self.ioapic.reset(&mut self.core);
-        if let Some(unit) = &mut self.unit {
+        if let Some(unit) = unit_mut(&mut self.unit) {
             unit.reset(&mut self.core);
         }
-        self.core.flush(self.unit.as_mut(), "a reset");
+        self.core.flush(unit_mut(&mut self.unit), "a reset");
     }
 
     /// Interrupt requests of blocked (parked) sources so far.
@@ -510,9 +551,11 @@ impl IrqRouter {
         self.ioapic.stats()
     }
 
-    /// The remapping unit's counters, if there is one.
+    /// The VT-d unit's counters, if there is one.
     pub fn remap_stats(&self) -> Option<RemapStats> {
-        self.unit.as_ref().map(RemapUnit::stats)
+        match self.unit.as_ref()?.stats() {
+            RemapperStats::Vtd(s) => Some(s),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod marks;
 pub mod overhead;
 pub mod pci;
+pub mod remapper;
 pub mod seccomp;
 pub mod stats;
 pub mod vcpu;
