@@ -13,17 +13,57 @@ use clap::{Parser, ValueEnum};
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
-/// What `--iommu` turns on.
+/// One item of `--iommu` (a comma-separated list, e.g. `dma,pvremap`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IommuMode {
-    /// DMA translation (virtio-iommu) and interrupt remapping.
+    /// DMA translation (virtio-iommu) and interrupt remapping through the emulated VT-d unit.
     On,
-    /// Only DMA translation through the virtio-iommu.
+    /// DMA translation through the virtio-iommu.
     Dma,
-    /// Only interrupt remapping.
+    /// Interrupt remapping through the emulated VT-d unit (ACPI DMAR).
     Intremap,
-    /// Neither.
+    /// Paravirtual interrupt remapping (PV-IR, ACPI PVIR; docs/pv-irq-remap.md).
+    Pvremap,
+    /// Nothing.
     Off,
+}
+
+/// What `--iommu` selects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IommuSelection {
+    /// DMA translation through the virtio-iommu.
+    pub dma: bool,
+    /// Interrupt remapping through the emulated VT-d unit.
+    pub intremap: bool,
+    /// Paravirtual interrupt remapping.
+    pub pvremap: bool,
+}
+
+/// Parses the value of `--iommu`: `on`, `off`, or a comma-separated list of `dma`,
+/// `intremap`, `pvremap` (`on` = `dma,intremap`). The two interrupt remappers exclude each
+/// other.
+pub fn parse_iommu(value: &str) -> Result<IommuSelection, ConfigError> {
+    let mut sel = IommuSelection::default();
+    let items: Vec<&str> = value.split(',').map(str::trim).collect();
+    for item in &items {
+        let mode = IommuMode::from_str(item, false)
+            .map_err(|_| ConfigError::IommuMode(value.to_owned()))?;
+        match mode {
+            IommuMode::Off if items.len() == 1 => {}
+            IommuMode::Off => return Err(ConfigError::IommuMode(value.to_owned())),
+            IommuMode::On => {
+                sel.dma = true;
+                sel.intremap = true;
+            }
+            IommuMode::Dma => sel.dma = true,
+            IommuMode::Intremap => sel.intremap = true,
+            IommuMode::Pvremap => sel.pvremap = true,
+        }
+    }
+    if sel.intremap && sel.pvremap {
+        return Err(ConfigError::TwoRemappers(value.to_owned()));
+    }
+    Ok(sel)
 }
 
 /// How the platform is described to the guest (`--firmware`).
@@ -76,10 +116,12 @@ pub struct Cli {
     /// protocol with a SETUP_DTB entry, no ACPI; no interrupt remapping).
     #[arg(long, value_name = "acpi|dt", value_enum, default_value = "acpi")]
     pub firmware: Firmware,
-    /// Put devices behind the IOMMU: `on` (DMA translation and interrupt remapping), `dma` or
-    /// `intremap`.
+    /// Put devices behind the IOMMU: `on` (DMA translation and VT-d interrupt remapping),
+    /// `off`, or a comma-separated list of `dma` (virtio-iommu), `intremap` (emulated VT-d
+    /// interrupt remapping) and `pvremap` (paravirtual interrupt remapping, PV-IR), e.g.
+    /// `dma,pvremap`. `intremap` and `pvremap` exclude each other.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
-    pub iommu: Option<IommuMode>,
+    pub iommu: Option<String>,
     /// A raw disk image as a virtio-blk device (repeatable):
     /// `PATH[,readonly=on][,iommu=on|off][,transport=mmio|pci][,queues=N]`. Behind the
     /// virtio-iommu by default when `--iommu` enables DMA translation; `queues` (1..=16) needs
@@ -185,8 +227,10 @@ pub struct VmConfig {
     pub firmware: Firmware,
     /// DMA translation through the virtio-iommu.
     pub iommu_dma: bool,
-    /// Interrupt remapping.
+    /// Interrupt remapping through the emulated VT-d unit.
     pub iommu_intremap: bool,
+    /// Paravirtual interrupt remapping (PV-IR).
+    pub iommu_pvremap: bool,
     /// virtio-blk disks, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
     /// The isa-debug-exit-compatible port.
@@ -269,8 +313,14 @@ pub enum ConfigError {
         max: usize,
     },
     /// Interrupt remapping asked for with a device tree, which cannot describe it.
-    #[error("--firmware dt cannot describe interrupt remapping (it needs ACPI DMAR): use --iommu=dma or --firmware acpi")]
+    #[error("--firmware dt cannot describe interrupt remapping (it needs ACPI DMAR or PVIR): use --iommu=dma or --firmware acpi")]
     DtRemapping,
+    /// An `--iommu` value that is not `on`, `off` or a list of `dma`, `intremap`, `pvremap`.
+    #[error("--iommu={0}: expected on, off, or a comma-separated list of dma, intremap, pvremap")]
+    IommuMode(String),
+    /// Both interrupt remappers asked for.
+    #[error("--iommu={0}: pvremap (PV-IR) and intremap (VT-d, also part of `on`) exclude each other: choose one interrupt remapper")]
+    TwoRemappers(String),
     /// `--firmware dt` with a PCI disk: the device tree has no PCI host bridge.
     #[error("--firmware dt does not describe PCI: use transport=mmio for --disk")]
     DtPci,
@@ -421,10 +471,12 @@ impl VmConfig {
         if cli.timeout == Some(0) {
             return Err(ConfigError::Timeout);
         }
-        let mode = cli.iommu.unwrap_or(IommuMode::Off);
-        let iommu_dma = matches!(mode, IommuMode::On | IommuMode::Dma);
-        let iommu_intremap = matches!(mode, IommuMode::On | IommuMode::Intremap);
-        if cli.firmware == Firmware::Dt && iommu_intremap {
+        let iommu = match &cli.iommu {
+            Some(v) => parse_iommu(v)?,
+            None => IommuSelection::default(),
+        };
+        let (iommu_dma, iommu_intremap, iommu_pvremap) = (iommu.dma, iommu.intremap, iommu.pvremap);
+        if cli.firmware == Firmware::Dt && (iommu_intremap || iommu_pvremap) {
             return Err(ConfigError::DtRemapping);
         }
         let max_disks = (layout::IOAPIC_PINS - layout::VIRTIO_IRQ_START - 1) as usize;
@@ -454,6 +506,7 @@ impl VmConfig {
             iommu_dma,
             disks,
             iommu_intremap,
+            iommu_pvremap,
             debug_exit: cli.debug_exit,
             timeout: cli.timeout.map(std::time::Duration::from_secs),
             stats: cli.stats,
@@ -518,7 +571,51 @@ mod tests {
         let c = parse(&["vmm", "--kernel", k, "--iommu=dma"]).unwrap();
         assert!(c.iommu_dma && !c.iommu_intremap);
         let c = parse(&["vmm", "--kernel", k, "--iommu=intremap"]).unwrap();
-        assert!(!c.iommu_dma && c.iommu_intremap);
+        assert!(!c.iommu_dma && c.iommu_intremap && !c.iommu_pvremap);
+        let c = parse(&["vmm", "--kernel", k, "--iommu=off"]).unwrap();
+        assert!(!c.iommu_dma && !c.iommu_intremap && !c.iommu_pvremap);
+        let c = parse(&["vmm", "--kernel", k]).unwrap();
+        assert!(!c.iommu_pvremap);
+    }
+
+    #[test]
+    fn pvremap_alone_or_with_dma_but_never_with_vtd() {
+        let k = temp_file("bz7", &bzimage());
+        let k = k.to_str().unwrap();
+        let c = parse(&["vmm", "--kernel", k, "--iommu=pvremap"]).unwrap();
+        assert!(!c.iommu_dma && !c.iommu_intremap && c.iommu_pvremap);
+        for v in ["dma,pvremap", "pvremap,dma"] {
+            let c = parse(&["vmm", "--kernel", k, &format!("--iommu={v}")]).unwrap();
+            assert!(c.iommu_dma && !c.iommu_intremap && c.iommu_pvremap, "{v}");
+        }
+        let c = parse(&["vmm", "--kernel", k, "--iommu", "dma,intremap"]).unwrap();
+        assert!(c.iommu_dma && c.iommu_intremap && !c.iommu_pvremap);
+        for v in [
+            "pvremap,intremap",
+            "intremap,pvremap",
+            "on,pvremap",
+            "dma,pvremap,intremap",
+        ] {
+            let e = parse(&["vmm", "--kernel", k, &format!("--iommu={v}")]).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::TwoRemappers(ref s) if s == v),
+                "{v}: {e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                !msg.contains('\n') && msg.contains("exclude each other"),
+                "{msg}"
+            );
+        }
+        for v in ["pv", "dma,,pvremap", "off,dma", "", "PVREMAP"] {
+            assert!(
+                matches!(
+                    parse(&["vmm", "--kernel", k, &format!("--iommu={v}")]),
+                    Err(ConfigError::IommuMode(_))
+                ),
+                "{v}"
+            );
+        }
     }
 
     #[test]
@@ -532,7 +629,13 @@ mod tests {
         let c = parse(&["vmm", "--kernel", k, "--firmware", "dt", "--iommu=dma"]).unwrap();
         assert_eq!(c.firmware, Firmware::Dt);
         assert!(c.iommu_dma && !c.iommu_intremap);
-        for iommu in ["--iommu", "--iommu=on", "--iommu=intremap"] {
+        for iommu in [
+            "--iommu",
+            "--iommu=on",
+            "--iommu=intremap",
+            "--iommu=pvremap",
+            "--iommu=dma,pvremap",
+        ] {
             assert!(
                 matches!(
                     parse(&["vmm", "--kernel", k, "--firmware=dt", iommu]),

@@ -635,6 +635,7 @@ mod tests {
             firmware: crate::config::Firmware::Acpi,
             iommu_dma: iommu,
             iommu_intremap: false,
+            iommu_pvremap: false,
             debug_exit: false,
             timeout: None,
             disks: disks
