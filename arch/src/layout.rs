@@ -97,6 +97,11 @@ pub const DMAR_SIZE: u64 = 0x1000;
 pub const POWEROFF_START: u64 = 0xfed9_1000;
 /// Size of the power-off register window.
 pub const POWEROFF_SIZE: u64 = 0x1000;
+/// PV-IR (paravirtual interrupt remapping) register page, right after the power-off page
+/// (docs/pv-irq-remap.md §2; the ACPI `PVIR` table points here).
+pub const PVIR_START: u64 = 0xfed9_2000;
+/// Size of the PV-IR register page.
+pub const PVIR_SIZE: u64 = 0x1000;
 /// Local APIC (in KVM) and the MSI doorbell window.
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// Size of the MSI doorbell window reserved in every endpoint's PROBE answer.
@@ -186,6 +191,14 @@ const _: () = assert!(
         && POWEROFF_START >= PCI_ECAM_START + PCI_ECAM_SIZE
         && POWEROFF_START + POWEROFF_SIZE <= LAPIC_START
 );
+// The PV-IR page: after the DMAR and power-off pages, outside the PCI windows, below the LAPIC.
+const _: () = assert!(
+    PVIR_START.is_multiple_of(0x1000)
+        && PVIR_START >= DMAR_START + DMAR_SIZE
+        && PVIR_START >= POWEROFF_START + POWEROFF_SIZE
+        && PVIR_START >= PCI_ECAM_START + PCI_ECAM_SIZE
+        && PVIR_START + PVIR_SIZE <= LAPIC_START
+);
 const _: () = assert!(MMIO_HOLE_END + MAX_MEMORY <= PCI_MMIO64_START);
 const _: () = assert!(PCI_MMIO64_START + PCI_MMIO64_SIZE <= 1 << 39);
 const _: () = assert!(PCI_ECAM_BUS0_SIZE <= PCI_ECAM_SIZE);
@@ -228,6 +241,7 @@ mod tests {
             (PCI_ECAM_START, PCI_ECAM_SIZE),
             (IOAPIC_START, IOAPIC_SIZE),
             (DMAR_START, DMAR_SIZE),
+            (PVIR_START, PVIR_SIZE),
             (POWEROFF_START, POWEROFF_SIZE),
             (LAPIC_START, MSI_WINDOW_SIZE),
         ];

@@ -47,6 +47,7 @@ pub mod marker;
 pub mod pci;
 pub mod pm;
 pub mod poweroff;
+pub mod pvirq;
 pub mod ratelimit;
 pub mod remap;
 pub mod serial;
@@ -61,5 +62,8 @@ pub use interrupt::{CountingLine, InterruptLine, MsiMessage};
 pub use ioapic::{rte_to_msi, ChangedPins, Ioapic, IoapicSink, IoapicStats};
 pub use pm::{AcpiPm, PM_RESET_VALUE, PM_SLEEP_S5_VALUE};
 pub use poweroff::PowerOff;
+pub use pvirq::{
+    PvBlockReason, PvBlocked, PvIrq, PvIrqConfig, PvIrqSink, PvIrqStats, PvSource, PVIR_PAGE_SIZE,
+};
 pub use remap::{RemapSink, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
 pub use serial::Serial;

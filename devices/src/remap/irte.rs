@@ -389,16 +389,37 @@ pub fn translate(
 
 /// The compatibility-format message (KVM layout) that delivers what `irte` describes.
 fn compatibility_message(irte: &Irte, eime: bool) -> MsiMessage {
-    let dest = irte.destination(eime);
+    compatibility_msi(
+        irte.destination(eime),
+        irte.vector,
+        irte.redirection_hint,
+        irte.destination_mode,
+        irte.delivery_mode,
+        irte.trigger_mode,
+    )
+}
+
+/// A compatibility-format message in the layout KVM routes (see the
+/// [module documentation](self)): destination bits 7:0 in address bits 19:12, bits 31:8 in
+/// `address_hi` bits 31:8 (x2APIC destinations above 255). Shared with PV-IR
+/// ([`crate::pvirq`]), whose routes are Fixed, edge, physical messages (all modes 0).
+pub(crate) fn compatibility_msi(
+    dest: u32,
+    vector: u8,
+    redirection_hint: u8,
+    destination_mode: u8,
+    delivery_mode: u8,
+    trigger_mode: u8,
+) -> MsiMessage {
     let address_lo = MSI_ADDRESS_BASE
         | u64::from(dest & 0xff) << MSI_ADDR_DEST_SHIFT
-        | u64::from(irte.redirection_hint) << MSI_ADDR_RH_SHIFT
-        | u64::from(irte.destination_mode) << MSI_ADDR_DM_SHIFT;
+        | u64::from(redirection_hint) << MSI_ADDR_RH_SHIFT
+        | u64::from(destination_mode) << MSI_ADDR_DM_SHIFT;
     let address_hi = u64::from(dest & 0xffff_ff00);
-    let data = u32::from(irte.vector)
-        | u32::from(irte.delivery_mode) << MSI_DATA_DELIVERY_MODE_SHIFT
-        | u32::from(irte.trigger_mode) << MSI_DATA_LEVEL_ASSERT_SHIFT
-        | u32::from(irte.trigger_mode) << MSI_DATA_TRIGGER_SHIFT;
+    let data = u32::from(vector)
+        | u32::from(delivery_mode) << MSI_DATA_DELIVERY_MODE_SHIFT
+        | u32::from(trigger_mode) << MSI_DATA_LEVEL_ASSERT_SHIFT
+        | u32::from(trigger_mode) << MSI_DATA_TRIGGER_SHIFT;
     MsiMessage {
         address: address_hi << 32 | address_lo,
         data,
