@@ -223,6 +223,15 @@ impl DevicePlan {
             pci_disks,
         })
     }
+
+    /// The requester IDs (BDFs on segment 0) of the PCI functions that raise MSIs: the
+    /// sources PV-IR lets allocate handles.
+    pub fn pci_requesters(&self) -> Vec<u16> {
+        self.pci_disks
+            .iter()
+            .map(|p| crate::pci::bdf(p.slot))
+            .collect()
+    }
 }
 
 impl DeviceManager {

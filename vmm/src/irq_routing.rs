@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex, Weak};
 use arch::layout;
 use devices::remap::{remap_index, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
 use devices::sync::lock;
-use devices::{guest_warn, BusDevice, Ioapic, IoapicSink, IoapicStats, MsiMessage};
+use devices::{guest_warn, BusDevice, Ioapic, IoapicSink, IoapicStats, MsiMessage, PvIrqStats};
 
 use crate::interrupts::{InterruptManager, ParkedHandler};
 use crate::remapper::{InterruptRemapper, IrqSource, RemapBlocked, RemapperStats, RouterSink};
@@ -320,10 +320,7 @@ impl RouterSink for Core {
         if affected.is_empty() {
             return;
         }
-        let why = match inv {
-            RouteInvalidation::All => "a global invalidation",
-            RouteInvalidation::Indices(_) => "an interrupt-entry-cache invalidation",
-        };
+        let why = unit.invalidation_cause(&inv);
         self.refresh(Some(unit), affected, why);
     }
 
@@ -555,6 +552,15 @@ impl IrqRouter {
     pub fn remap_stats(&self) -> Option<RemapStats> {
         match self.unit.as_ref()?.stats() {
             RemapperStats::Vtd(s) => Some(s),
+            RemapperStats::Pv(_) => None,
+        }
+    }
+
+    /// PV-IR's counters, if the router translates through it.
+    pub fn pvirq_stats(&self) -> Option<PvIrqStats> {
+        match self.unit.as_ref()?.stats() {
+            RemapperStats::Pv(s) => Some(s),
+            RemapperStats::Vtd(_) => None,
         }
     }
 }

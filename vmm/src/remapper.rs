@@ -7,8 +7,9 @@
 //! router can re-translate the affected sources while the unit's register write is still in
 //! progress (and push them to KVM before the write returns).
 
+use devices::pvirq::regs::{CTRL_RESET, REG_CTRL};
 use devices::remap::{Blocked, RemapSink, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
-use devices::MsiMessage;
+use devices::{MsiMessage, PvBlocked, PvIrq, PvIrqSink, PvIrqStats, PvSource};
 
 /// At most this many VT-d faults are recorded for one batch of triggers of a parked source:
 /// the unit has 8 fault recording registers, so more can only overflow. All are counted.
@@ -35,6 +36,18 @@ pub enum IrqSource {
 }
 
 impl IrqSource {
+    /// The PV-IR view: IOAPIC pins by (IOAPIC ID, pin), everything else a PCI requester on
+    /// segment 0.
+    pub fn pv(&self) -> PvSource {
+        match *self {
+            IrqSource::IoapicPin { ioapic_id, pin, .. } => PvSource::IoapicPin { ioapic_id, pin },
+            IrqSource::Msi { requester_id } => PvSource::Pci {
+                segment: 0,
+                requester_id,
+            },
+        }
+    }
+
     /// The requester ID the VT-d unit checks.
     pub fn requester_id(&self) -> u16 {
         match *self {
@@ -55,6 +68,8 @@ pub enum RemapBlocked {
     },
     /// Blocked by the VT-d unit.
     Vtd(Blocked),
+    /// Blocked by PV-IR.
+    Pv(PvBlocked),
 }
 
 /// A unit's counters.
@@ -62,6 +77,8 @@ pub enum RemapBlocked {
 pub enum RemapperStats {
     /// The VT-d unit's.
     Vtd(RemapStats),
+    /// PV-IR's.
+    Pv(PvIrqStats),
 }
 
 /// What a remapper pushes back into the router while it runs.
@@ -97,6 +114,8 @@ pub trait InterruptRemapper: Send {
     fn reset(&mut self, sink: &mut dyn RouterSink);
     /// The unit's counters.
     fn stats(&self) -> RemapperStats;
+    /// What caused `inv`, for the route-rebuild log line.
+    fn invalidation_cause(&self, inv: &RouteInvalidation) -> &'static str;
 }
 
 /// [`RemapSink`] over a [`RouterSink`].
@@ -150,5 +169,68 @@ impl InterruptRemapper for RemapUnit {
 
     fn stats(&self) -> RemapperStats {
         RemapperStats::Vtd(RemapUnit::stats(self))
+    }
+
+    fn invalidation_cause(&self, inv: &RouteInvalidation) -> &'static str {
+        match inv {
+            RouteInvalidation::All => "a global invalidation",
+            RouteInvalidation::Indices(_) => "an interrupt-entry-cache invalidation",
+        }
+    }
+}
+
+/// [`PvIrqSink`] over a [`RouterSink`].
+struct PvSink<'a>(&'a mut dyn RouterSink);
+
+impl PvIrqSink for PvSink<'_> {
+    fn invalidate(&mut self, pv: &mut PvIrq, inv: RouteInvalidation) {
+        self.0.invalidate(pv, inv);
+    }
+}
+
+impl InterruptRemapper for PvIrq {
+    fn translate(
+        &mut self,
+        msg: MsiMessage,
+        source: IrqSource,
+    ) -> Result<MsiMessage, RemapBlocked> {
+        PvIrq::translate(self, msg, source.pv()).map_err(RemapBlocked::Pv)
+    }
+
+    fn request_blocked(
+        &mut self,
+        blocked: &RemapBlocked,
+        source: IrqSource,
+        count: u64,
+        _sink: &mut dyn RouterSink,
+    ) {
+        // PV-IR has no event interrupt: FAULT_COUNT and LAST_FAULT only.
+        if let RemapBlocked::Pv(blocked) = blocked {
+            PvIrq::request_blocked(self, blocked, source.pv(), count);
+        }
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        PvIrq::read(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], sink: &mut dyn RouterSink) {
+        PvIrq::write(self, offset, data, &mut PvSink(sink));
+    }
+
+    fn reset(&mut self, sink: &mut dyn RouterSink) {
+        // CTRL.RESET: every handle freed, remapping off, every route invalidated.
+        PvIrq::write(self, REG_CTRL, &CTRL_RESET.to_le_bytes(), &mut PvSink(sink));
+    }
+
+    fn stats(&self) -> RemapperStats {
+        RemapperStats::Pv(PvIrq::stats(self))
+    }
+
+    fn invalidation_cause(&self, inv: &RouteInvalidation) -> &'static str {
+        match inv {
+            RouteInvalidation::All => "a PV-IR control change",
+            RouteInvalidation::Indices(_) => "a PV-IR request",
+        }
     }
 }

@@ -25,11 +25,21 @@
 //!   "remap": null | { iec_global, iec_selective, wait_descriptors, ignored_descriptors,
 //!                     queue_errors, translations, passthrough, blocked: { BY REASON },
 //!                     blocked_total, faults_recorded, faults_suppressed,
-//!                     faults_overflowed, fault_events, completion_events } }
+//!                     faults_overflowed, fault_events, completion_events },
+//!   "pvirq": null | { requests: { alloc, set, clear, free, bad_op },
+//!                     statuses: { ok, bad_op, bad_source, no_space, bad_handle, bad_vector,
+//!                                 bad_dest, bad_count },
+//!                     bad_request_gpa, live_handles, translations, passthrough,
+//!                     blocked: { not_present, not_owner, compatibility_blocked,
+//!                                not_allocated, disabled },
+//!                     blocked_total, page_reads, page_writes, ignored_accesses, resets } }
 //! ```
 //!
+//! `pvirq` is there with `--iommu=pvremap` (PV-IR; docs/pv-irq-remap.md), `remap` with the
+//! VT-d unit; the `interrupts` counters are the same for both.
+//!
 //! `exits` counts every guest register access the VMM handled (each is a VM exit to
-//! userspace), by device: `ioapic`, `dmar`, `virtio-iommu`, `diskN` on MMIO; `serial`,
+//! userspace), by device: `ioapic`, `dmar` or `pvir`, `virtio-iommu`, `diskN` on MMIO; `serial`,
 //! `acpi-pm`, `i8042`, `marker` on port I/O. Mark counters are the `interrupts` fields by
 //! name, `mmio_exits.DEVICE`, `pio_exits.DEVICE`, and per virtio device `irqs.NAME`,
 //! `NAME.isr_reads`, `NAME.interrupt_acks`, `diskN.requests`, and `cpu_ms.vcpus` /
@@ -41,7 +51,7 @@ use devices::bus::BusExits;
 use devices::remap::RemapStats;
 use devices::virtio::block::BlockStats;
 use devices::virtio::iommu::IommuStats;
-use devices::IoapicStats;
+use devices::{IoapicStats, PvIrqStats};
 use serde::Serialize;
 
 use crate::config::VmConfig;
@@ -124,6 +134,13 @@ struct RemapJson<'a> {
 }
 
 #[derive(Serialize)]
+struct PvIrqJson<'a> {
+    #[serde(flatten)]
+    stats: &'a PvIrqStats,
+    blocked_total: u64,
+}
+
+#[derive(Serialize)]
 struct Irqs {
     irqs: u64,
 }
@@ -153,6 +170,7 @@ struct StatsJson<'a> {
     exits: ExitsJson,
     irqs_blocked: u64,
     remap: Option<RemapJson<'a>>,
+    pvirq: Option<PvIrqJson<'a>>,
     overhead: &'a crate::overhead::Overhead,
 }
 
@@ -201,6 +219,10 @@ pub fn to_json(o: &RunOutcome) -> String {
         },
         irqs_blocked: o.irqs_blocked,
         remap: o.remap.as_ref().map(|stats| RemapJson {
+            stats,
+            blocked_total: stats.blocked.total(),
+        }),
+        pvirq: o.pvirq.as_ref().map(|stats| PvIrqJson {
             stats,
             blocked_total: stats.blocked.total(),
         }),
@@ -272,6 +294,14 @@ pub fn report(cfg: &VmConfig, o: &RunOutcome) -> Result<(), VmError> {
             eprintln!(
                 "vmm: stats: remap iec_global={} iec_selective={} waits={} queue_errors={} translations={} blocked={} faults={}",
                 r.iec_global, r.iec_selective, r.wait_descriptors, r.queue_errors, r.translations, r.blocked.total(), r.faults_recorded
+            );
+        }
+        if let Some(p) = &o.pvirq {
+            eprintln!(
+                "vmm: stats: pvirq alloc={} set={} clear={} free={} ok={} failed={} live_handles={} translations={} blocked={} page_reads={} page_writes={}",
+                p.requests.alloc, p.requests.set, p.requests.clear, p.requests.free, p.statuses.ok,
+                p.statuses.total() - p.statuses.ok, p.live_handles, p.translations, p.blocked.total(),
+                p.page_reads, p.page_writes
             );
         }
         for (n, d) in o.devices.disks.iter().enumerate() {

@@ -13,7 +13,9 @@ use arch::layout;
 use arch::regs;
 use devices::marker::Marker;
 use devices::remap::{RemapStats, RemapUnit};
-use devices::{AcpiPm, Bus, DebugExit, ExitSignal, Ioapic, Serial, I8042};
+use devices::{
+    AcpiPm, Bus, DebugExit, ExitSignal, Ioapic, PvIrq, PvIrqConfig, PvIrqStats, Serial, I8042,
+};
 use firmware_tables::{DmarDesc, IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -22,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::{Firmware, VmConfig};
-use crate::device_manager::{DeviceManager, DeviceStats};
+use crate::device_manager::{DeviceManager, DevicePlan, DeviceStats};
 use crate::event_loop::{self, EventLoopError};
 use crate::fdt::{self, FdtSetupError};
 use crate::interrupts::{
@@ -32,6 +34,7 @@ use crate::irq_routing::{IoapicBus, IrqRouter, RemapBus};
 use crate::kernel::{self, KernelError};
 use crate::marks::{CounterFn, MarkRecorder, MarkReport, RecorderSink};
 use crate::overhead::{self, CpuClocks, Overhead, ProcSampler};
+use crate::remapper::InterruptRemapper;
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vcpu::{run_vcpu, ExitSender, VcpuContext, VmExit};
 
@@ -134,6 +137,8 @@ pub struct RunOutcome {
     pub devices: DeviceStats,
     /// Interrupt-remapping unit counters, with `--iommu` / `--iommu=intremap`.
     pub remap: Option<RemapStats>,
+    /// PV-IR counters, with `--iommu=pvremap` / `--iommu=dma,pvremap`.
+    pub pvirq: Option<PvIrqStats>,
     /// IOAPIC messages left without a route because they were blocked.
     pub irqs_blocked: u64,
     /// Wall time from VMM start to stop.
@@ -246,6 +251,24 @@ pub fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
+}
+
+/// PV-IR handles per VM. Handles cost no KVM route (a route belongs to a source, and there
+/// are at most `GSI_MSI_END + 1` of those); 256 covers every IOAPIC pin plus the MSI-X
+/// vectors of the PCI functions.
+pub const PV_IRQ_MAX_HANDLES: u16 = 256;
+
+/// What PV-IR covers: our IOAPIC's pins, the PCI functions of `plan`, the vCPUs' APIC IDs
+/// (vCPU index = APIC ID, see `arch::cpuid`).
+pub fn pv_irq_config(cfg: &VmConfig, plan: &DevicePlan) -> PvIrqConfig {
+    PvIrqConfig {
+        ioapic_id: layout::IOAPIC_ID,
+        // Lossless: 24 pins.
+        ioapic_pins: layout::IOAPIC_PINS as u8,
+        pci_requesters: plan.pci_requesters(),
+        apic_ids: (0..cfg.cpus).collect(),
+        max_handles: PV_IRQ_MAX_HANDLES,
+    }
 }
 
 /// The platform description the firmware tables are built from.
@@ -412,11 +435,17 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let (exit_tx, exit_rx) = channel();
     let exit_rx = Arc::new(Mutex::new(exit_rx));
     let exit = ExitSender::new(exit_tx, exit_wake.clone());
-    let remap = cfg.iommu_intremap.then(|| RemapUnit::new(mem.clone()));
-    let with_remap = remap.is_some();
-    let router = IrqRouter::new(
+    let remapper: Option<Box<dyn InterruptRemapper>> = if cfg.iommu_intremap {
+        Some(Box::new(RemapUnit::new(mem.clone())))
+    } else if cfg.iommu_pvremap {
+        let plan = DevicePlan::new(cfg).map_err(VmError::Devices)?;
+        Some(Box::new(PvIrq::new(pv_irq_config(cfg, &plan), mem.clone())))
+    } else {
+        None
+    };
+    let router = IrqRouter::with_remapper(
         Ioapic::new(layout::IOAPIC_ID),
-        remap,
+        remapper,
         interrupts.clone(),
         layout::IOAPIC_SOURCE_ID,
     );
@@ -428,7 +457,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         layout::IOAPIC_SIZE,
     )
     .map_err(VmError::Bus)?;
-    if with_remap {
+    if cfg.iommu_intremap {
         mmio.insert_named(
             "dmar",
             Arc::new(Mutex::new(RemapBus(router.clone()))),
@@ -437,6 +466,19 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         )
         .map_err(VmError::Bus)?;
         log::info!("Interrupt remapping unit at {:#x}", layout::DMAR_START);
+    } else if cfg.iommu_pvremap {
+        // The same router entry points: the router has exactly one remapper.
+        mmio.insert_named(
+            "pvir",
+            Arc::new(Mutex::new(RemapBus(router.clone()))),
+            layout::PVIR_START,
+            layout::PVIR_SIZE,
+        )
+        .map_err(VmError::Bus)?;
+        log::info!(
+            "PV-IR (paravirtual interrupt remapping) at {:#x}",
+            layout::PVIR_START
+        );
     }
     let serial_line: Arc<IrqfdLine> = interrupts
         .irqfd_line(layout::SERIAL_IRQ)
@@ -598,12 +640,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let reason = reason?;
     drain_reason(&exit_rx);
 
-    let (ioapic_stats, irqs_blocked, remap_stats) = {
+    let (ioapic_stats, irqs_blocked, remap_stats, pvirq_stats) = {
         let router = devices::sync::lock(&router);
         (
             router.ioapic_stats(),
             router.blocked(),
             router.remap_stats(),
+            router.pvirq_stats(),
         )
     };
     Ok(RunOutcome {
@@ -613,6 +656,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         ioapic: ioapic_stats,
         devices: dm.stats(),
         remap: remap_stats,
+        pvirq: pvirq_stats,
         irqs_blocked,
         elapsed: started.elapsed(),
         exits: ExitCounts {
