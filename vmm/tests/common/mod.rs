@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod pvirq;
 pub mod remap;
 
 use std::sync::atomic::{AtomicBool, Ordering};
