@@ -31,6 +31,13 @@ impl PvDriver<'_> {
     /// Writes `fields` (offset, bytes) into a zeroed block with status `PENDING`, issues it
     /// and returns the status the VMM wrote back.
     pub fn request(&mut self, fields: &[(usize, &[u8])]) -> u16 {
+        self.write_block(fields);
+        self.kick();
+        self.status()
+    }
+
+    /// Writes `fields` (offset, bytes) into a zeroed block with status `PENDING`.
+    pub fn write_block(&mut self, fields: &[(usize, &[u8])]) {
         let mut block = [0u8; REQUEST_SIZE];
         for (at, bytes) in fields {
             block[*at..*at + bytes.len()].copy_from_slice(bytes);
@@ -39,8 +46,26 @@ impl PvDriver<'_> {
         self.mem
             .write_slice(&block, GuestAddress(self.block))
             .unwrap();
+    }
+
+    /// The `REQUEST` write of the block (one VM exit in a real guest).
+    pub fn kick(&mut self) {
         self.regs.write(REG_REQUEST, &self.block.to_le_bytes());
+    }
+
+    /// The block's `status`.
+    pub fn status(&self) -> u16 {
         self.u16_at(req::STATUS)
+    }
+
+    /// Writes the block of a `SET` of `handle` to (`vector`, `dest`), not yet issued.
+    pub fn set_block(&mut self, handle: u16, vector: u8, dest: u32) {
+        self.write_block(&[
+            (req::OP, &OP_SET.to_le_bytes()),
+            (req::HANDLE, &handle.to_le_bytes()),
+            (req::DEST, &dest.to_le_bytes()),
+            (req::VECTOR, &[vector]),
+        ]);
     }
 
     fn u16_at(&self, at: usize) -> u16 {
@@ -84,12 +109,9 @@ impl PvDriver<'_> {
 
     /// `SET` `handle` to (`vector`, `dest`).
     pub fn set(&mut self, handle: u16, vector: u8, dest: u32) -> u16 {
-        self.request(&[
-            (req::OP, &OP_SET.to_le_bytes()),
-            (req::HANDLE, &handle.to_le_bytes()),
-            (req::DEST, &dest.to_le_bytes()),
-            (req::VECTOR, &[vector]),
-        ])
+        self.set_block(handle, vector, dest);
+        self.kick();
+        self.status()
     }
 
     /// `CLEAR` `handle`.
