@@ -200,6 +200,11 @@ impl Guest {
     }
 }
 
+/// The invalidation of one range of handles.
+fn indices(range: std::ops::Range<u32>) -> RouteInvalidation {
+    RouteInvalidation::Indices(vec![range])
+}
+
 fn compat(dest: u32, vector: u8) -> MsiMessage {
     MsiMessage {
         address: u64::from(dest & 0xffff_ff00) << 32 | 0xfee0_0000 | u64::from(dest & 0xff) << 12,
@@ -480,7 +485,7 @@ fn set_statuses() {
     assert!(g.take().is_empty());
     for (vector, dest) in [(0x10, 0), (0xff, 1), (0x41, 0x1_2345)] {
         assert_eq!(g.status(Req::set(h, vector, dest)), OK);
-        assert_eq!(g.take(), vec![RouteInvalidation::Indices(vec![0..1])]);
+        assert_eq!(g.take(), vec![indices(0..1)]);
     }
     assert_eq!(g.pv.stats().requests.set, cases.len() as u64 + 3);
     assert_eq!(g.pv.stats().statuses.bad_dest, 2);
@@ -499,7 +504,7 @@ fn clear_statuses() {
     assert!(g.take().is_empty());
     // The second handle of a block can be cleared on its own.
     assert_eq!(g.status(Req::clear(1)), OK);
-    assert_eq!(g.take(), vec![RouteInvalidation::Indices(vec![1..2])]);
+    assert_eq!(g.take(), vec![indices(1..2)]);
     assert_eq!(g.pv.stats().requests.clear, 6);
 }
 
@@ -528,7 +533,7 @@ fn free_statuses() {
     assert!(g.take().is_empty());
     assert_eq!(g.pv.stats().live_handles, 8);
     assert_eq!(g.status(Req::free(0, 8)), OK);
-    assert_eq!(g.take(), vec![RouteInvalidation::Indices(vec![0..8])]);
+    assert_eq!(g.take(), vec![indices(0..8)]);
     assert_eq!(g.pv.stats().live_handles, 0);
     assert_eq!(g.status(Req::free(0, 8)), BAD_HANDLE, "already free");
 }
@@ -733,9 +738,7 @@ fn multi_msi_subhandles_select_handles_of_the_block() {
         assert_eq!(g.status(Req::set(h + i, 0x40 + i as u8, 1)), OK);
         assert_eq!(
             g.take(),
-            vec![RouteInvalidation::Indices(vec![
-                u32::from(h + i)..u32::from(h + i) + 1
-            ])]
+            vec![indices(u32::from(h + i)..u32::from(h + i) + 1)]
         );
     }
     for i in 0..8u32 {
@@ -764,7 +767,7 @@ fn multi_msi_subhandles_select_handles_of_the_block() {
         PvBlockReason::NotOwner
     );
     assert_eq!(g.status(Req::free(h, 8)), OK);
-    assert_eq!(g.take(), vec![RouteInvalidation::Indices(vec![8..16])]);
+    assert_eq!(g.take(), vec![indices(8..16)]);
 }
 
 #[test]
@@ -827,7 +830,7 @@ fn bad_request_addresses_are_ignored_and_counted() {
     for gpa in [
         MEM_SIZE,
         ODD_REGION + ODD_REGION_SIZE + 0x1000,
-        u64::MAX & !63,
+        !63,
     ] {
         g.w64(REG_REQUEST, gpa);
     }
@@ -905,10 +908,7 @@ fn sink_gets_the_changed_ranges_during_the_write() {
                 RouteInvalidation::All,
                 blocked(PvBlockReason::NotPresent, Some(u32::from(h)))
             ),
-            (
-                RouteInvalidation::Indices(vec![u32::from(h)..u32::from(h) + 1]),
-                Ok(compat(1, 0x77))
-            ),
+            (indices(u32::from(h)..u32::from(h) + 1), Ok(compat(1, 0x77))),
         ]
     );
 }
