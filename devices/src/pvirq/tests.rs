@@ -827,11 +827,7 @@ fn bad_request_addresses_are_ignored_and_counted() {
     }
     // Not RAM: the hole, past the end, the top of the address space, and a block whose
     // last 32 bytes are past the end of a region.
-    for gpa in [
-        MEM_SIZE,
-        ODD_REGION + ODD_REGION_SIZE + 0x1000,
-        !63,
-    ] {
+    for gpa in [MEM_SIZE, ODD_REGION + ODD_REGION_SIZE + 0x1000, !63] {
         g.w64(REG_REQUEST, gpa);
     }
     let partial = ODD_REGION + 0x1000;
