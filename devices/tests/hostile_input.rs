@@ -5,7 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::remap::RecordingSink;
+use devices::pvirq::{PvIrq, PvIrqConfig, PvIrqSink, PvSource, PVIR_PAGE_SIZE};
+use devices::remap::{RecordingSink, RouteInvalidation};
 use devices::virtio::block::Block;
 use devices::virtio::iommu::VirtioIommu;
 use devices::virtio::mmio::MmioTransport;
@@ -265,6 +266,281 @@ fn remap_unit_survives_random_registers_and_garbage_tables() {
                 + st.ignored_descriptors
                 > 0
         );
+    }
+}
+
+/// APIC IDs of the PV-IR tests' vCPUs (one above 255).
+const PV_APIC_IDS: [u32; 3] = [0, 1, 300];
+
+/// Checks what a PV-IR translation gave KVM: only Fixed, edge, physical-destination
+/// compatibility-format messages to an existing CPU, or the message itself when it was
+/// already compatibility format.
+fn check_pv_route(msg: MsiMessage, out: MsiMessage) {
+    if !msg.is_remappable() {
+        assert_eq!(out, msg, "compatibility format passes unchanged");
+        return;
+    }
+    assert!(!out.is_remappable());
+    let lo = out.address & 0xffff_ffff;
+    assert_eq!(
+        lo & 0xfff0_0fff,
+        0xfee0_0000,
+        "no RH/DM/format bits: {out:x?}"
+    );
+    assert_eq!(out.data & !0xff, 0, "Fixed, edge: {out:x?}");
+    assert!(out.data >= 0x10);
+    let dest = (out.address >> 32) as u32 & 0xffff_ff00 | ((lo >> 12) & 0xff) as u32;
+    assert!(PV_APIC_IDS.contains(&dest), "dest {dest:#x}");
+}
+
+/// A sink that re-translates a few messages, as the VMM's router would, and checks them.
+#[derive(Default)]
+struct PvChecker {
+    msgs: Vec<(MsiMessage, PvSource)>,
+    invalidations: u64,
+}
+
+impl PvIrqSink for PvChecker {
+    fn invalidate(&mut self, pv: &mut PvIrq, inv: RouteInvalidation) {
+        self.invalidations += 1;
+        if let RouteInvalidation::Indices(ranges) = &inv {
+            assert!(ranges.iter().all(|r| !r.is_empty() && r.len() <= 32));
+        }
+        for &(msg, source) in &self.msgs {
+            if let Ok(out) = pv.translate(msg, source) {
+                check_pv_route(msg, out);
+            }
+        }
+    }
+}
+
+/// A random request block: often a well-formed request with random values, sometimes
+/// garbage.
+fn random_block(rng: &mut Rng, handles: u16) -> [u8; 64] {
+    let mut block = [0u8; 64];
+    if rng.below(4) == 0 {
+        for b in block.chunks_mut(8) {
+            b.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        return block;
+    }
+    let op = rng.below(6) as u16;
+    block[0..2].copy_from_slice(&op.to_le_bytes());
+    block[2..4].copy_from_slice(&0xffffu16.to_le_bytes());
+    // Mostly small values (handles: mostly the low ones, where the allocator starts).
+    let pick16 = |rng: &mut Rng, small: u64| -> u16 {
+        match rng.below(8) {
+            0 => rng.next() as u16,
+            1 => rng.below(small) as u16,
+            _ => rng.below(small.min(64)) as u16,
+        }
+    };
+    match op {
+        1 => {
+            let ty = [1u8, 2, 2, 0, 3][rng.below(5) as usize];
+            block[4] = ty;
+            let count = if ty == 1 && rng.below(2) == 0 {
+                1
+            } else {
+                1u16 << rng.below(7)
+            };
+            block[6..8].copy_from_slice(&count.to_le_bytes());
+            let high = if rng.below(8) == 0 { pick16(rng, 4) } else { 0 };
+            block[8..10].copy_from_slice(&high.to_le_bytes());
+            let low = match (ty, rng.below(8)) {
+                (_, 0) => rng.next() as u16,
+                (1, _) => rng.below(26) as u16,
+                _ => [0x0008, 0x0010, 0x0018, 0x0020][rng.below(4) as usize],
+            };
+            block[10..12].copy_from_slice(&low.to_le_bytes());
+        }
+        2 => {
+            block[0xc..0xe].copy_from_slice(&pick16(rng, u64::from(handles) + 2).to_le_bytes());
+            let dest = PV_APIC_IDS[rng.below(3) as usize] + u32::from(rng.below(8) == 0);
+            block[0x10..0x14].copy_from_slice(&dest.to_le_bytes());
+            block[0x14] = rng.next() as u8;
+        }
+        3 | 4 => {
+            if op == 4 {
+                block[6..8].copy_from_slice(&(1u16 << rng.below(6)).to_le_bytes());
+            }
+            block[0xc..0xe].copy_from_slice(&pick16(rng, u64::from(handles) + 2).to_le_bytes());
+        }
+        _ => {}
+    }
+    if rng.below(10) == 0 {
+        // One stray byte somewhere.
+        block[rng.below(64) as usize] ^= 1 << rng.below(8);
+    }
+    block
+}
+
+#[test]
+fn pvirq_survives_random_pages_and_request_blocks() {
+    for seed in 1..=3u64 {
+        let mut rng = Rng(seed * 0x2545_f491);
+        let mem = garbage_memory(&mut rng);
+        let max_handles = [0u16, 40, 1000][(seed - 1) as usize];
+        let cfg = PvIrqConfig {
+            ioapic_id: 0,
+            ioapic_pins: 24,
+            pci_requesters: vec![0x0008, 0x0010, 0x0018],
+            apic_ids: PV_APIC_IDS.to_vec(),
+            max_handles,
+        };
+        let mut pv = PvIrq::new(cfg, mem.clone());
+        let mut sink = PvChecker::default();
+        pv.write(0x10, &1u32.to_le_bytes(), &mut sink);
+        let mut requests = 0u64;
+        for round in 0..3000 {
+            match rng.below(10) {
+                // Random page accesses (REQUEST at garbage addresses included).
+                0 | 1 => {
+                    for _ in 0..10 {
+                        let width = 1usize << rng.below(4);
+                        let offset = if rng.below(2) == 0 {
+                            rng.below(0x40)
+                        } else {
+                            rng.below(PVIR_PAGE_SIZE + 0x10)
+                        };
+                        if rng.below(2) == 0 {
+                            let mut data = vec![0u8; width];
+                            pv.read(offset, &mut data);
+                        } else {
+                            let mut v = rng.value();
+                            if offset == 0x10 && rng.below(4) != 0 {
+                                // CTRL: mostly ENABLE/BLOCK_COMPAT, rarely RESET.
+                                v &= 3;
+                            }
+                            pv.write(offset, &v.to_le_bytes()[..width], &mut sink);
+                        }
+                    }
+                }
+                // A request block, mostly aligned, somewhere in RAM or just past it.
+                _ => {
+                    let gpa = match rng.below(8) {
+                        0 => rng.next(),
+                        1 => MEM_SIZE - 64 + rng.below(2) * 64,
+                        2 => rng.below(MEM_SIZE),
+                        _ => rng.below(MEM_SIZE / 64) * 64,
+                    };
+                    let block = random_block(&mut rng, max_handles);
+                    let in_ram = gpa.checked_add(64).is_some_and(|end| end <= MEM_SIZE);
+                    // The 256 bytes around the block must not change.
+                    let around = |mem: &GuestMemoryMmap| -> Option<Vec<u8>> {
+                        let start = gpa.checked_sub(256)?;
+                        let mut buf = vec![0u8; 64 + 512];
+                        mem.read_slice(&mut buf, GuestAddress(start)).ok()?;
+                        Some([&buf[..256], &buf[320..]].concat())
+                    };
+                    if in_ram {
+                        mem.write_slice(&block, GuestAddress(gpa)).unwrap();
+                    }
+                    let before = around(&mem);
+                    let executed = pv.stats().statuses.total();
+                    pv.write(0x18, &gpa.to_le_bytes(), &mut sink);
+                    requests += 1;
+                    assert_eq!(before, around(&mem), "memory outside the block changed");
+                    if in_ram && gpa % 64 == 0 {
+                        assert_eq!(pv.stats().statuses.total(), executed + 1);
+                        let mut out = [0u8; 64];
+                        mem.read_slice(&mut out, GuestAddress(gpa)).unwrap();
+                        let status = u16::from_le_bytes([out[2], out[3]]);
+                        assert!(status <= 7, "status {status}");
+                        // An ALLOC that worked: remember its message for re-translation.
+                        if status == 0 && block[0..2] == [1, 0] {
+                            let dword =
+                                |at: usize| u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+                            let msg = MsiMessage {
+                                address: u64::from(dword(0x18)),
+                                data: dword(0x20),
+                            };
+                            let source = match block[4] {
+                                1 => PvSource::IoapicPin {
+                                    ioapic_id: block[8],
+                                    pin: block[10],
+                                },
+                                _ => PvSource::Pci {
+                                    segment: 0,
+                                    requester_id: u16::from_le_bytes([block[10], block[11]]),
+                                },
+                            };
+                            if sink.msgs.len() < 64 {
+                                sink.msgs.push((msg, source));
+                            } else {
+                                let at = rng.below(64) as usize;
+                                sink.msgs[at] = (msg, source);
+                            }
+                        }
+                    } else {
+                        assert_eq!(pv.stats().statuses.total(), executed, "ignored");
+                    }
+                }
+            }
+            // The messages ALLOC returned, from their own and from random sources.
+            for i in 0..sink.msgs.len().min(4) {
+                let (msg, source) =
+                    sink.msgs[(rng.below(sink.msgs.len() as u64) as usize + i) % sink.msgs.len()];
+                let msg = MsiMessage {
+                    data: msg.data + rng.below(2) as u32,
+                    ..msg
+                };
+                let source = if rng.below(4) == 0 {
+                    sink.msgs[rng.below(sink.msgs.len() as u64) as usize].1
+                } else {
+                    source
+                };
+                match pv.translate(msg, source) {
+                    Ok(out) => check_pv_route(msg, out),
+                    Err(blocked) => pv.request_blocked(&blocked, source, 1),
+                }
+            }
+            if rng.below(200) == 0 {
+                // Now and then CTRL changes (rarely a reset).
+                let ctrl = [1u32, 1, 3, 0, 1 << 31][rng.below(5) as usize];
+                pv.write(0x10, &ctrl.to_le_bytes(), &mut sink);
+            }
+            // Random messages from random sources; blocked ones fire.
+            for _ in 0..4 {
+                let msg = MsiMessage {
+                    address: 0xfee0_0000 | (rng.next() & 0xf_fffc),
+                    data: rng.next() as u32,
+                };
+                let source = if rng.below(2) == 0 {
+                    PvSource::IoapicPin {
+                        ioapic_id: rng.below(2) as u8,
+                        pin: rng.below(30) as u8,
+                    }
+                } else {
+                    PvSource::Pci {
+                        segment: rng.below(2) as u16,
+                        requester_id: rng.below(0x20) as u16,
+                    }
+                };
+                match pv.translate(msg, source) {
+                    Ok(out) => check_pv_route(msg, out),
+                    Err(blocked) => pv.request_blocked(&blocked, source, rng.below(3)),
+                }
+            }
+            let st = pv.stats();
+            assert!(st.live_handles <= u32::from(max_handles), "round {round}");
+            let r = st.requests;
+            assert_eq!(
+                r.alloc + r.set + r.clear + r.free + r.bad_op,
+                st.statuses.total()
+            );
+        }
+        let st = pv.stats();
+        eprintln!(
+            "seed {seed}: pvirq {st:?}, {} invalidations",
+            sink.invalidations
+        );
+        // Not vacuous: requests were executed, some worked, some were refused or ignored.
+        assert!(requests > 1000);
+        assert!(st.statuses.bad_op > 0 && st.bad_request_gpa > 0);
+        if max_handles > 0 {
+            assert!(st.statuses.ok > 50 && st.translations > 0, "{st:?}");
+        }
     }
 }
 

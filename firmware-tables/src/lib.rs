@@ -11,7 +11,8 @@
 //!
 //! This crate knows nothing about KVM or device models; it only turns numbers into bytes.
 //! The encoding itself (AML, RSDP, XSDT, FADT, MADT, VIOT) comes from the rust-vmm
-//! `acpi_tables` crate; DMAR, which it lacks, is laid out here on top of `acpi_tables::sdt::Sdt`.
+//! `acpi_tables` crate; DMAR and PVIR, which it lacks, are laid out here on top of
+//! `acpi_tables::sdt::Sdt`.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -42,6 +43,9 @@ pub struct PlatformDescription {
     pub iommu: Option<VirtioMmioDesc>,
     /// An interrupt-remapping-only VT-d unit. When present, a DMAR is emitted.
     pub dmar: Option<DmarDesc>,
+    /// A PV-IR (paravirtual interrupt remapping) unit. When present, a PVIR table is emitted.
+    /// A platform has at most one of `dmar` and `pvir`.
+    pub pvir: Option<PvirDesc>,
     /// The PCI host bridge, only when the VM has PCI devices: a DSDT `PNP0A08` device, an
     /// MCFG, and the ECAM reserved as a motherboard resource. `None` emits none of them.
     pub pci: Option<PciHostDesc>,
@@ -102,6 +106,22 @@ pub struct VirtioMmioDesc {
     /// Endpoint ID behind the virtio-iommu (VIOT type-2 node), or `None` for a device that
     /// bypasses the IOMMU. Must be `None` for the IOMMU itself and when there is no IOMMU.
     pub endpoint_id: Option<u32>,
+}
+
+/// [`PvirDesc::flags`] bit 0: every IOAPIC in the MADT is behind the PV-IR unit.
+pub const PVIR_FLAG_IOAPIC_ALL: u32 = 1 << 0;
+/// [`PvirDesc::flags`] bit 1: every PCI function of segment 0 is behind the PV-IR unit.
+pub const PVIR_FLAG_PCI_SEGMENT0_ALL: u32 = 1 << 1;
+
+/// A PV-IR unit (`docs/pv-irq-remap.md`), enumerated by the ACPI `PVIR` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PvirDesc {
+    /// 4 KiB-aligned, non-zero base of its register page (normally 0xFED9_2000).
+    pub register_base: u64,
+    /// [`PVIR_FLAG_IOAPIC_ALL`] | [`PVIR_FLAG_PCI_SEGMENT0_ALL`]; other bits are reserved.
+    pub flags: u32,
+    /// Number of handles (the unit's `MAX_HANDLES`), 1..=65536.
+    pub max_handles: u32,
 }
 
 /// A VT-d remapping unit used only for interrupt remapping.

@@ -142,6 +142,7 @@ mod tests {
             virtio_mmio: vec![],
             iommu: None,
             dmar: None,
+            pvir: None,
             pci: None,
         }
     }

@@ -747,6 +747,7 @@ mod tests {
             virtio_mmio: plan.disks.clone(),
             iommu: plan.iommu,
             dmar: None,
+            pvir: None,
             pci: None,
         };
         let tables =

@@ -132,6 +132,7 @@ mod tests {
                 endpoint_id: None,
             }),
             dmar: None,
+            pvir: None,
             pci: None,
         }
     }

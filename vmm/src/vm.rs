@@ -294,6 +294,7 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
             ioapic_id: layout::IOAPIC_ID,
             ioapic_source_id: layout::IOAPIC_SOURCE_ID,
         }),
+        pvir: None,
         pci: dm.pci_host_desc(),
     }
 }

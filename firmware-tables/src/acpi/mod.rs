@@ -2,13 +2,14 @@
 //!
 //! Layout inside `[region_start, region_start + region_size)`: the RSDP first (16-byte aligned,
 //! ACPI 6.5 §5.2.5.2), then XSDT, FACP, DSDT, APIC, VIOT (with an IOMMU), DMAR (with a remapping
-//! unit), each 8-byte aligned. Every table size is known before any address is, so addresses are
+//! unit) or PVIR (with a PV-IR unit), each 8-byte aligned. Every table size is known before any address is, so addresses are
 //! fixed first and the tables that hold addresses (RSDP, XSDT, FADT) are built afterwards.
 
 mod dmar;
 mod dsdt;
 mod fadt;
 mod madt;
+mod pvir;
 mod viot;
 
 #[cfg(test)]
@@ -34,7 +35,7 @@ const MAX_CPUS: u32 = 254;
 /// Local APIC base, also the MSI doorbell window (1 MiB).
 pub(crate) const LAPIC_ADDR: u32 = 0xFEE0_0000;
 pub(crate) const LAPIC_WINDOW_SIZE: u64 = 0x10_0000;
-/// Size of the IOAPIC and DMAR register pages.
+/// Size of the IOAPIC, DMAR and PVIR register pages.
 pub(crate) const REG_PAGE_SIZE: u64 = 0x1000;
 /// I/O ports used by a 16550 UART.
 pub(crate) const SERIAL_IO_LEN: u16 = 8;
@@ -53,7 +54,7 @@ pub enum AcpiError {
         /// Window size.
         size: u64,
     },
-    /// Two MMIO ranges (virtio-mmio windows, IOAPIC, LAPIC, DMAR registers) overlap.
+    /// Two MMIO ranges (virtio-mmio windows, IOAPIC, LAPIC, DMAR or PVIR registers) overlap.
     #[error("MMIO range {first} at {first_base:#x} overlaps {second} at {second_base:#x}")]
     MmioOverlap {
         /// What the lower range is.
@@ -91,6 +92,18 @@ pub enum AcpiError {
         /// ID in the IOAPIC description.
         madt: u8,
     },
+    /// PVIR register base not 4 KiB aligned or zero.
+    #[error("Invalid PVIR register base {0:#x}: must be non-zero and 4 KiB aligned")]
+    InvalidPvirBase(u64),
+    /// PVIR flags with reserved bits set.
+    #[error("Invalid PVIR flags {0:#x}: only bits 0 and 1 are defined")]
+    InvalidPvirFlags(u32),
+    /// PVIR handle count out of range.
+    #[error("Invalid PVIR handle count {0}: must be 1..=65536")]
+    InvalidPvirHandles(u32),
+    /// Both a DMAR unit and a PV-IR unit: a platform offers one or the other, never both.
+    #[error("A platform has a DMAR remapping unit or a PV-IR unit, not both")]
+    DmarAndPvir,
     /// The tables do not fit the region given.
     #[error("ACPI tables need {needed:#x} bytes from {start:#x}, region ends at {end:#x}")]
     RegionTooSmall {
@@ -126,7 +139,8 @@ impl TableBlob {
 pub struct AcpiTables {
     /// Guest-physical address of the RSDP, for `boot_params.acpi_rsdp_addr`.
     pub rsdp_addr: u64,
-    /// Every table with its address: RSDP, XSDT, FACP, DSDT, APIC, then VIOT and DMAR if any.
+    /// Every table with its address: RSDP, XSDT, FACP, DSDT, APIC, then VIOT, DMAR, PVIR and MCFG if
+    /// any.
     pub blobs: Vec<TableBlob>,
 }
 
@@ -160,6 +174,9 @@ pub fn build_acpi(
     }
     if let Some(dmar) = &desc.dmar {
         others.push((*b"DMAR", dmar::build(dmar)));
+    }
+    if let Some(pvir) = &desc.pvir {
+        others.push((*b"PVIR", pvir::build(pvir)));
     }
     if let Some(pci) = &desc.pci {
         others.push((*b"MCFG", mcfg(pci)));
@@ -281,6 +298,22 @@ pub(crate) fn validate(desc: &PlatformDescription) -> Result<(), AcpiError> {
             });
         }
         ranges.push((dmar.register_base, REG_PAGE_SIZE, "DMAR"));
+    }
+    if let Some(pvir) = &desc.pvir {
+        if desc.dmar.is_some() {
+            return Err(AcpiError::DmarAndPvir);
+        }
+        if pvir.register_base == 0 || pvir.register_base % REG_PAGE_SIZE != 0 {
+            return Err(AcpiError::InvalidPvirBase(pvir.register_base));
+        }
+        let defined = crate::PVIR_FLAG_IOAPIC_ALL | crate::PVIR_FLAG_PCI_SEGMENT0_ALL;
+        if pvir.flags & !defined != 0 {
+            return Err(AcpiError::InvalidPvirFlags(pvir.flags));
+        }
+        if pvir.max_handles == 0 || pvir.max_handles > 1 << 16 {
+            return Err(AcpiError::InvalidPvirHandles(pvir.max_handles));
+        }
+        ranges.push((pvir.register_base, REG_PAGE_SIZE, "PVIR"));
     }
     if let Some(pci) = &desc.pci {
         let ecam_size = (u64::from(pci.last_bus) + 1) << 20;

@@ -2,7 +2,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::*;
-use crate::{DmarDesc, IoapicDesc, PmDesc, SerialDesc};
+use crate::{
+    DmarDesc, IoapicDesc, PmDesc, PvirDesc, SerialDesc, PVIR_FLAG_IOAPIC_ALL,
+    PVIR_FLAG_PCI_SEGMENT0_ALL,
+};
 
 const REGION_START: u64 = 0xE_0000;
 const REGION_SIZE: u64 = 0x2_0000;
@@ -38,6 +41,7 @@ fn full_desc() -> PlatformDescription {
             ioapic_id: 0,
             ioapic_source_id: DEFAULT_IOAPIC_SOURCE_ID,
         }),
+        pvir: None,
         pci: None,
     }
 }
@@ -63,6 +67,21 @@ fn plain_desc() -> PlatformDescription {
         iommu: None,
         dmar: None,
         ..full_desc()
+    }
+}
+
+const PVIR: PvirDesc = PvirDesc {
+    register_base: 0xFED9_2000,
+    flags: PVIR_FLAG_IOAPIC_ALL | PVIR_FLAG_PCI_SEGMENT0_ALL,
+    max_handles: 4096,
+};
+
+/// [`pci_desc`] with a PV-IR unit instead of the DMAR unit.
+fn pvir_desc() -> PlatformDescription {
+    PlatformDescription {
+        dmar: None,
+        pvir: Some(PVIR),
+        ..pci_desc()
     }
 }
 
@@ -103,7 +122,7 @@ fn position(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[test]
 fn every_table_sums_to_zero_and_header_length_matches_blob() {
-    for desc in [full_desc(), plain_desc()] {
+    for desc in [full_desc(), plain_desc(), pvir_desc()] {
         for blob in build(&desc).blobs.iter().filter(|b| &b.name != b"RSDP") {
             assert_eq!(sum(&blob.bytes), 0, "{} checksum", blob.name_str());
             assert_eq!(
@@ -149,7 +168,7 @@ fn tables_are_aligned_disjoint_and_inside_the_region() {
 
 #[test]
 fn xsdt_lists_every_table_except_rsdp_and_dsdt() {
-    for desc in [full_desc(), plain_desc()] {
+    for desc in [full_desc(), plain_desc(), pvir_desc()] {
         let tables = build(&desc);
         let xsdt = table(&tables, b"XSDT");
         let entries: Vec<u64> = (36..xsdt.len())
@@ -720,5 +739,135 @@ fn iasl_disassembles_mcfg_and_the_host_bridge() {
     }
     let mcfg = std::fs::read_to_string(dir.join("MCFG.dsl")).expect("read MCFG.dsl");
     assert!(mcfg.contains("00000000E0000000"), "MCFG.dsl:\n{mcfg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- PVIR (docs/pv-irq-remap.md §1). ----
+
+#[test]
+fn pvir_table_has_the_spec_layout() {
+    let tables = build(&pvir_desc());
+    assert!(tables.blob(b"DMAR").is_none());
+    let pvir = table(&tables, b"PVIR");
+    assert_eq!(pvir.len(), 56);
+    assert_eq!(&pvir[0..4], b"PVIR");
+    assert_eq!(u32_at(pvir, 4), 56, "length");
+    assert_eq!(pvir[8], 1, "revision");
+    assert_eq!(sum(pvir), 0, "checksum");
+    assert_eq!(&pvir[10..16], b"RVMMIO");
+    assert_eq!(&pvir[16..24], b"VIOMMUVM");
+    assert_eq!(u64_at(pvir, 36), 0xFED9_2000, "register page");
+    assert_eq!(u32_at(pvir, 44), 0b11, "flags");
+    assert_eq!(u32_at(pvir, 48), 4096, "handles");
+    assert_eq!(u32_at(pvir, 52), 0, "reserved");
+    // Listed in the XSDT, after the VIOT and before the MCFG.
+    let names: Vec<&str> = tables.blobs.iter().map(|b| b.name_str()).collect();
+    assert_eq!(
+        names,
+        ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "VIOT", "PVIR", "MCFG"]
+    );
+    let xsdt = table(&tables, b"XSDT");
+    let addr = tables.blob(b"PVIR").unwrap().addr;
+    assert!((36..xsdt.len())
+        .step_by(8)
+        .any(|off| u64_at(xsdt, off) == addr));
+    // Other flag values and counts are carried as given.
+    let desc = PlatformDescription {
+        pvir: Some(PvirDesc {
+            register_base: 0x1_0000_0000,
+            flags: PVIR_FLAG_PCI_SEGMENT0_ALL,
+            max_handles: 1 << 16,
+        }),
+        ..pvir_desc()
+    };
+    let tables = build(&desc);
+    let pvir = table(&tables, b"PVIR");
+    assert_eq!(u64_at(pvir, 36), 0x1_0000_0000);
+    assert_eq!(u32_at(pvir, 44), 0b10);
+    assert_eq!(u32_at(pvir, 48), 0x1_0000);
+    assert_eq!(sum(pvir), 0);
+}
+
+#[test]
+fn pvir_leaves_the_other_tables_unchanged() {
+    let with = build(&pvir_desc());
+    let without = build(&PlatformDescription {
+        pvir: None,
+        ..pvir_desc()
+    });
+    assert!(without.blob(b"PVIR").is_none());
+    for name in [b"DSDT", b"APIC", b"VIOT", b"MCFG"] {
+        assert_eq!(
+            table(&with, name),
+            table(&without, name),
+            "{}",
+            std::str::from_utf8(name).unwrap()
+        );
+    }
+    assert_eq!(
+        table(&with, b"XSDT").len(),
+        table(&without, b"XSDT").len() + 8
+    );
+}
+
+#[test]
+fn pvir_description_is_checked() {
+    let err = |pvir: PvirDesc, dmar: bool| {
+        let mut desc = pvir_desc();
+        desc.pvir = Some(pvir);
+        if dmar {
+            desc.dmar = full_desc().dmar;
+        }
+        build_acpi(&desc, REGION_START, REGION_SIZE).unwrap_err()
+    };
+    assert_eq!(err(PVIR, true), AcpiError::DmarAndPvir);
+    for base in [0, 0xFED9_2004, 0xFED9_2800] {
+        let pvir = PvirDesc {
+            register_base: base,
+            ..PVIR
+        };
+        assert_eq!(err(pvir, false), AcpiError::InvalidPvirBase(base));
+    }
+    for flags in [1 << 2, 1 << 31, !0] {
+        let pvir = PvirDesc { flags, ..PVIR };
+        assert_eq!(err(pvir, false), AcpiError::InvalidPvirFlags(flags));
+    }
+    for max_handles in [0, (1 << 16) + 1, u32::MAX] {
+        let pvir = PvirDesc {
+            max_handles,
+            ..PVIR
+        };
+        assert_eq!(err(pvir, false), AcpiError::InvalidPvirHandles(max_handles));
+    }
+    // Its page must not overlap another MMIO range.
+    let pvir = PvirDesc {
+        register_base: 0xFEC0_0000,
+        ..PVIR
+    };
+    assert!(matches!(
+        err(pvir, false),
+        AcpiError::MmioOverlap {
+            first: "IOAPIC",
+            second: "PVIR",
+            ..
+        } | AcpiError::MmioOverlap {
+            first: "PVIR",
+            second: "IOAPIC",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn iasl_hex_dumps_the_unknown_pvir_table() {
+    let tables = build(&pvir_desc());
+    let dir = scratch_dir("pvir");
+    disassemble_all(&tables, &dir);
+    let pvir = std::fs::read_to_string(dir.join("PVIR.dsl")).expect("read PVIR.dsl");
+    assert!(pvir.contains("\"PVIR\""), "PVIR.dsl:\n{pvir}");
+    assert!(
+        pvir.contains("00000038"),
+        "length 56 in the header:\n{pvir}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -80,8 +80,11 @@ pub enum FdtError {
     /// The description breaks a rule the ACPI tables have too.
     #[error("Invalid platform description")]
     Platform(#[from] AcpiError),
-    /// The description has an interrupt-remapping unit, which only ACPI (DMAR) can describe.
-    #[error("Interrupt remapping needs the ACPI DMAR table; a device tree cannot describe it")]
+    /// The description has an interrupt-remapping unit (DMAR or PV-IR), which only ACPI can
+    /// describe.
+    #[error(
+        "Interrupt remapping needs the ACPI DMAR or PVIR table; a device tree cannot describe it"
+    )]
     InterruptRemapping,
     /// The description has a PCI host bridge: x86 Linux ignores DT PCI hosts and `iommu-map`.
     #[error("PCI devices cannot be described by the device tree on x86")]
@@ -257,7 +260,7 @@ fn virtio_mmio_node(
 
 fn validate(desc: &PlatformDescription, poweroff: Option<&PowerOffDesc>) -> Result<(), FdtError> {
     acpi::validate(desc)?;
-    if desc.dmar.is_some() {
+    if desc.dmar.is_some() || desc.pvir.is_some() {
         return Err(FdtError::InterruptRemapping);
     }
     if desc.pci.is_some() {

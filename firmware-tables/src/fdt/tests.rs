@@ -184,6 +184,7 @@ fn desc() -> PlatformDescription {
         virtio_mmio: vec![mmio(0xD000_1000, 6, Some(1)), mmio(0xD000_2000, 7, None)],
         iommu: Some(mmio(0xD000_0000, 5, None)),
         dmar: None,
+        pvir: None,
         pci: None,
     }
 }
@@ -401,6 +402,16 @@ fn interrupt_remapping_is_refused() {
             register_base: 0xFED9_0000,
             ioapic_id: 0,
             ioapic_source_id: DEFAULT_IOAPIC_SOURCE_ID,
+        }),
+        ..desc()
+    };
+    assert_eq!(build_fdt(&d, None), Err(FdtError::InterruptRemapping));
+    // PV-IR is enumerated by an ACPI table too.
+    let d = PlatformDescription {
+        pvir: Some(crate::PvirDesc {
+            register_base: 0xFED9_2000,
+            flags: crate::PVIR_FLAG_IOAPIC_ALL,
+            max_handles: 256,
         }),
         ..desc()
     };
