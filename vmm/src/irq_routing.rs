@@ -933,4 +933,178 @@ mod tests {
         assert_eq!(im.route(24), Some(compat));
         assert!(rec.signalled.lock().unwrap().is_empty());
     }
+
+    /// PV-IR behind the router: request blocks at [`PV_BLOCK`] in `mem`.
+    mod pv {
+        use super::*;
+        use devices::pvirq::regs::{req, CTRL_ENABLE, OP_ALLOC, OP_CLEAR, OP_SET, REG_CTRL};
+        use devices::pvirq::regs::{REG_REQUEST, SOURCE_IOAPIC, SOURCE_PCI};
+        use devices::{PvIrq, PvIrqConfig};
+
+        const PV_BLOCK: u64 = 0x4_0000;
+        const RID: u16 = 0x10;
+
+        struct Pv {
+            mem: GuestMemoryMmap,
+            router: Arc<Mutex<IrqRouter>>,
+            rec: Arc<Recorder>,
+            im: Arc<InterruptManager>,
+        }
+
+        impl Pv {
+            fn new() -> Pv {
+                let (rec, im) = manager();
+                let mem =
+                    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+                let pv = PvIrq::new(
+                    PvIrqConfig {
+                        ioapic_id: 0,
+                        ioapic_pins: 24,
+                        pci_requesters: vec![RID],
+                        apic_ids: vec![0, 1],
+                        max_handles: 64,
+                    },
+                    mem.clone(),
+                );
+                let router =
+                    IrqRouter::with_remapper(Ioapic::new(0), Some(Box::new(pv)), im.clone(), SID);
+                lock(&router).remap_write(REG_CTRL, &CTRL_ENABLE.to_le_bytes());
+                Pv {
+                    mem,
+                    router,
+                    rec,
+                    im,
+                }
+            }
+
+            /// Issues a block with `fields`; returns (status, handle, address, data).
+            fn request(&self, fields: &[(usize, &[u8])]) -> (u16, u16, u64, u32) {
+                let mut block = [0u8; 64];
+                for (at, b) in fields {
+                    block[*at..*at + b.len()].copy_from_slice(b);
+                }
+                block[req::STATUS..req::STATUS + 2].copy_from_slice(&0xffffu16.to_le_bytes());
+                self.mem
+                    .write_slice(&block, GuestAddress(PV_BLOCK))
+                    .unwrap();
+                lock(&self.router).remap_write(REG_REQUEST, &PV_BLOCK.to_le_bytes());
+                let at = |o: usize| GuestAddress(PV_BLOCK + o as u64);
+                let lo: u32 = self.mem.read_obj(at(req::ADDRESS_LO)).unwrap();
+                let hi: u32 = self.mem.read_obj(at(req::ADDRESS_HI)).unwrap();
+                (
+                    self.mem.read_obj(at(req::STATUS)).unwrap(),
+                    self.mem.read_obj(at(req::HANDLE)).unwrap(),
+                    u64::from(hi) << 32 | u64::from(lo),
+                    self.mem.read_obj(at(req::DATA)).unwrap(),
+                )
+            }
+
+            fn alloc(&self, source_type: u8, lo: u16) -> (u16, MsiMessage) {
+                let (status, handle, address, data) = self.request(&[
+                    (req::OP, &OP_ALLOC.to_le_bytes()),
+                    (req::SOURCE_TYPE, &[source_type]),
+                    (req::COUNT, &1u16.to_le_bytes()),
+                    (req::SOURCE_LO, &lo.to_le_bytes()),
+                ]);
+                assert_eq!(status, 0, "ALLOC");
+                (handle, MsiMessage { address, data })
+            }
+
+            fn set(&self, handle: u16, vector: u8, dest: u32) {
+                let (status, ..) = self.request(&[
+                    (req::OP, &OP_SET.to_le_bytes()),
+                    (req::HANDLE, &handle.to_le_bytes()),
+                    (req::DEST, &dest.to_le_bytes()),
+                    (req::VECTOR, &[vector]),
+                ]);
+                assert_eq!(status, 0, "SET");
+            }
+
+            /// Programs IOAPIC `pin` with the remappable-format `msg` (as Linux's driver).
+            fn program_pin(&self, pin: u32, msg: MsiMessage) {
+                let handle = (msg.address >> 5) & 0x7fff | ((msg.address >> 2) & 1) << 15;
+                let rte = (handle & 0x7fff) << 49
+                    | 1 << 48
+                    | (handle >> 15) << 11
+                    | u64::from(msg.data & 0xff);
+                let mut r = lock(&self.router);
+                for (reg, val) in [
+                    (0x10 + 2 * pin, rte as u32),
+                    (0x11 + 2 * pin, (rte >> 32) as u32),
+                ] {
+                    r.ioapic_write(0x00, &reg.to_le_bytes());
+                    r.ioapic_write(0x10, &val.to_le_bytes());
+                }
+            }
+
+            fn tables(&self) -> usize {
+                self.rec.tables.lock().unwrap().len()
+            }
+        }
+
+        #[test]
+        fn a_set_rebuilds_only_its_handles_routes_in_one_push() {
+            let pv = Pv::new();
+            let (h4, m4) = pv.alloc(SOURCE_IOAPIC, 4);
+            let (h5, m5) = pv.alloc(SOURCE_IOAPIC, 5);
+            let (h_msi, m_msi) = pv.alloc(SOURCE_PCI, RID);
+            pv.set(h4, 0x31, 0);
+            pv.set(h5, 0x32, 0);
+            pv.set(h_msi, 0x33, 1);
+            pv.program_pin(4, m4);
+            pv.program_pin(5, m5);
+            lock(&pv.router).set_msi_source(24, Some(m_msi), RID);
+            assert_eq!(pv.im.route(24).map(|m| m.data), Some(0x33));
+            let before = (pv.tables(), pv.im.counters().routes_rebuilt);
+
+            pv.set(h5, 0x42, 1);
+            let after = (pv.tables(), pv.im.counters().routes_rebuilt);
+            assert_eq!(after.0 - before.0, 1, "one KVM_SET_GSI_ROUTING");
+            assert_eq!(after.1 - before.1, 1, "only pin 5's route");
+            let r5 = pv.im.route(5).unwrap();
+            assert_eq!((r5.data, (r5.address >> 12) & 0xff), (0x42, 1));
+            assert_eq!(pv.im.route(4).map(|m| m.data), Some(0x31));
+            assert!(lock(&pv.router).remap_stats().is_none());
+            assert_eq!(lock(&pv.router).pvirq_stats().unwrap().live_handles, 3);
+        }
+
+        #[test]
+        fn binding_is_per_pin_and_per_requester() {
+            let pv = Pv::new();
+            let (h4, m4) = pv.alloc(SOURCE_IOAPIC, 4);
+            pv.set(h4, 0x31, 0);
+            let _line = pv.im.irqfd_line(6).unwrap();
+            pv.program_pin(6, m4);
+            assert_eq!(pv.im.route(6), None);
+            assert!(pv.im.is_parked(6));
+            let (h, m) = pv.alloc(SOURCE_PCI, RID);
+            pv.set(h, 0x35, 0);
+            lock(&pv.router).set_msi_source(25, Some(m), RID + 8);
+            assert_eq!(pv.im.route(25), None, "another requester");
+            lock(&pv.router).set_msi_source(25, Some(m), RID);
+            assert_eq!(pv.im.route(25).map(|m| m.data), Some(0x35));
+        }
+
+        #[test]
+        fn clear_and_reset_block_the_routes() {
+            let pv = Pv::new();
+            let (h, m) = pv.alloc(SOURCE_PCI, RID);
+            pv.set(h, 0x35, 0);
+            lock(&pv.router).set_msi_source(25, Some(m), RID);
+            let before = pv.tables();
+            let (status, ..) = pv.request(&[
+                (req::OP, &OP_CLEAR.to_le_bytes()),
+                (req::HANDLE, &h.to_le_bytes()),
+            ]);
+            assert_eq!(status, 0);
+            assert_eq!(pv.tables() - before, 1);
+            assert_eq!(pv.im.route(25), None);
+            assert!(pv.im.is_parked(25));
+            pv.set(h, 0x36, 0);
+            assert_eq!(pv.im.route(25).map(|m| m.data), Some(0x36));
+            lock(&pv.router).reset();
+            assert_eq!(pv.im.route(25), None, "reset frees the handle");
+            assert_eq!(lock(&pv.router).pvirq_stats().unwrap().live_handles, 0);
+        }
+    }
 }

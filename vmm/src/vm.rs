@@ -16,7 +16,10 @@ use devices::remap::{RemapStats, RemapUnit};
 use devices::{
     AcpiPm, Bus, DebugExit, ExitSignal, Ioapic, PvIrq, PvIrqConfig, PvIrqStats, Serial, I8042,
 };
-use firmware_tables::{DmarDesc, IoapicDesc, PlatformDescription, PmDesc, SerialDesc};
+use firmware_tables::{
+    DmarDesc, IoapicDesc, PlatformDescription, PmDesc, PvirDesc, SerialDesc, PVIR_FLAG_IOAPIC_ALL,
+    PVIR_FLAG_PCI_SEGMENT0_ALL,
+};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -294,7 +297,12 @@ fn platform(cfg: &VmConfig, dm: &DeviceManager) -> PlatformDescription {
             ioapic_id: layout::IOAPIC_ID,
             ioapic_source_id: layout::IOAPIC_SOURCE_ID,
         }),
-        pvir: None,
+        // PV-IR instead of DMAR (never both): every IOAPIC pin and every PCI function.
+        pvir: cfg.iommu_pvremap.then_some(PvirDesc {
+            register_base: layout::PVIR_START,
+            flags: PVIR_FLAG_IOAPIC_ALL | PVIR_FLAG_PCI_SEGMENT0_ALL,
+            max_handles: u32::from(PV_IRQ_MAX_HANDLES),
+        }),
         pci: dm.pci_host_desc(),
     }
 }
