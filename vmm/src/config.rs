@@ -69,7 +69,7 @@ pub fn parse_iommu(value: &str) -> Result<IommuSelection, ConfigError> {
 /// How the platform is described to the guest (`--firmware`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Firmware {
-    /// ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, VIOT, DMAR).
+    /// ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, VIOT, DMAR or PVIR).
     Acpi,
     /// A device tree in a `SETUP_DTB` setup_data entry, no ACPI (the guest needs `acpi=off`).
     Dt,

@@ -2,22 +2,31 @@
 //! guest enabled it.
 //!
 //! The [`IrqRouter`] owns the IOAPIC model and the remapping unit (by value: nothing else
-//! touches them) and one table of interrupt sources: the IOAPIC pins (GSI = pin, requester ID
-//! the platform's IOAPIC source-id) and MSI sources (a GSI per vector, the device's requester
-//! ID). Each [`Source`] holds the message the guest programmed and the route currently in KVM.
+//! touches them) and one table of interrupt sources: the IOAPIC pins (GSI = pin, identified by
+//! IOAPIC ID and pin, plus the platform's IOAPIC source-id as requester ID) and MSI sources (a
+//! GSI per vector, the device's requester ID). Each [`Source`] holds the message the guest
+//! programmed and the route currently in KVM.
+//!
+//! The unit is an [`InterruptRemapper`]: the emulated VT-d unit
+//! ([`RemapUnit`], `--iommu=intremap`) or PV-IR ([`devices::PvIrq`], `--iommu=pvremap`,
+//! docs/pv-irq-remap.md), never both. Each pushes into its own sink trait
+//! ([`devices::RemapSink`], [`devices::PvIrqSink`]); [`crate::remapper`] adapts both to the
+//! router's [`RouterSink`].
 //!
 //! Reprogramming only: the router runs when the guest writes an IOAPIC redirection entry or
 //! the remapping unit's registers, when an MSI source is reprogrammed, and when a parked source
 //! fires. The IOAPIC and the unit *push* what changed into the router (their
-//! [`IoapicSink`] / [`RemapSink`]), so nothing waits for a later poll:
+//! [`IoapicSink`] / [`RouterSink`]), so nothing waits for a later poll:
 //!
 //! - an RTE write pushes the pin's new message; the router recomputes that route;
-//! - the unit pushes route invalidations at each invalidation wait descriptor, before the
-//!   descriptor's status write (VT-d 6.5.2.8), and at the end of a register write; the router
-//!   re-translates the covered sources (remappable-format message → IRTE → compatibility
-//!   format) before the unit continues;
-//! - the unit pushes its event interrupts (fault events, invalidation completion), which the
-//!   router injects with `KVM_SIGNAL_MSI`.
+//! - VT-d pushes route invalidations at each invalidation wait descriptor, before the
+//!   descriptor's status write (VT-d 6.5.2.8), and at the end of a register write; PV-IR
+//!   pushes the handle range of each `SET` / `CLEAR` / `FREE` request (and everything on a
+//!   `CTRL` change) before the `REQUEST` write returns. The router re-translates the covered
+//!   sources (remappable-format message → IRTE or handle → compatibility format) before the
+//!   unit continues;
+//! - VT-d pushes its event interrupts (fault events, invalidation completion), which the
+//!   router injects with `KVM_SIGNAL_MSI`. PV-IR has none (`FAULT_COUNT` / `LAST_FAULT`).
 //!
 //! Every router entry point sends all the route changes it causes to KVM in **one**
 //! `KVM_SET_GSI_ROUTING` (nothing if no route changed). The irqfds stay attached, so delivery

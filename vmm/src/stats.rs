@@ -316,3 +316,30 @@ pub fn report(cfg: &VmConfig, o: &RunOutcome) -> Result<(), VmError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvirq_json_has_requests_statuses_handles_blocked_and_page_accesses() {
+        let mut stats = PvIrqStats::default();
+        stats.requests.set = 3;
+        stats.blocked.not_owner = 2;
+        stats.blocked.not_present = 1;
+        stats.live_handles = 5;
+        stats.page_writes = 7;
+        let json = serde_json::to_value(PvIrqJson {
+            stats: &stats,
+            blocked_total: stats.blocked.total(),
+        })
+        .unwrap();
+        assert_eq!(json["requests"]["set"], 3);
+        assert_eq!(json["statuses"]["ok"], 0);
+        assert_eq!(json["live_handles"], 5);
+        assert_eq!(json["blocked"]["not_owner"], 2);
+        assert_eq!(json["blocked_total"], 3);
+        assert_eq!(json["page_writes"], 7);
+        assert!(json.get("page_reads").is_some());
+    }
+}
