@@ -27,7 +27,9 @@
 //!   between the IOAPIC and the routes: remappable-format messages
 //!   ([`MsiMessage::is_remappable`]) are translated through the remapping table before KVM
 //!   sees them, and the unit pushes invalidations and its own event interrupts into a
-//!   [`RemapSink`].
+//!   [`RemapSink`]. [`PvIrq`] ([`pvirq`], PV-IR) is the paravirtual alternative: the guest asks
+//!   it for the message of each (vector, CPU) instead of writing remapping tables, and it pushes
+//!   the routes to rebuild into a [`PvIrqSink`]. A VM has one or the other.
 //! - **Edge only**: devices are edge sources (split irqchip has no resample eventfd). The
 //!   IOAPIC never sets Remote IRR; EOIs ([`Ioapic::end_of_interrupt`]) are only counted.
 //!

@@ -460,8 +460,16 @@ impl PvIrq {
             | u64::from(blocked.index.unwrap_or(0) & 0xffff);
     }
 
+    /// A reset of the VM (not the guest's `CTRL.RESET`, which does the same): every handle
+    /// freed, `CTRL`, `FAULT_COUNT` and `LAST_FAULT` cleared, and every route invalidated
+    /// through `sink` ([`RouteInvalidation::All`]). Counters are kept.
+    pub fn reset(&mut self, sink: &mut dyn PvIrqSink) {
+        self.reset_state();
+        sink.invalidate(self, RouteInvalidation::All);
+    }
+
     /// Frees every handle and clears `CTRL`, `FAULT_COUNT` and `LAST_FAULT` (`CTRL.RESET`).
-    fn reset(&mut self) {
+    fn reset_state(&mut self) {
         self.slots.fill(None);
         self.live = 0;
         self.ctrl = 0;
@@ -544,8 +552,7 @@ impl PvIrq {
 
     fn write_ctrl(&mut self, value: u32, sink: &mut dyn PvIrqSink) {
         if value & CTRL_RESET != 0 {
-            self.reset();
-            sink.invalidate(self, RouteInvalidation::All);
+            self.reset(sink);
             return;
         }
         let ctrl = value & (CTRL_ENABLE | CTRL_BLOCK_COMPAT);

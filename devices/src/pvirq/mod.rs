@@ -9,7 +9,7 @@
 //! the VMM's interrupt router owns it, forwards the register page's accesses
 //! ([`PvIrq::read`], [`PvIrq::write`]), builds each KVM route from [`PvIrq::translate`] of the
 //! message a source was programmed with, and is told through the [`PvIrqSink`], during the
-//! write that caused it, which routes to rebuild ([`RouteInvalidation`], in the index space of
+//! write that caused it, which routes to rebuild ([`RouteInvalidation`](crate::remap::RouteInvalidation), in the index space of
 //! [`remap_index`](crate::remap::remap_index)). Blocked interrupts that fire are reported back
 //! with [`PvIrq::request_blocked`] (`FAULT_COUNT`, `LAST_FAULT`).
 
