@@ -7,7 +7,6 @@
 //! router can re-translate the affected sources while the unit's register write is still in
 //! progress (and push them to KVM before the write returns).
 
-use devices::pvirq::regs::{CTRL_RESET, REG_CTRL};
 use devices::remap::{Blocked, RemapSink, RemapStats, RemapUnit, RouteInvalidation, UnitEvent};
 use devices::{MsiMessage, PvBlocked, PvIrq, PvIrqSink, PvIrqStats, PvSource};
 
@@ -219,8 +218,7 @@ impl InterruptRemapper for PvIrq {
     }
 
     fn reset(&mut self, sink: &mut dyn RouterSink) {
-        // CTRL.RESET: every handle freed, remapping off, every route invalidated.
-        PvIrq::write(self, REG_CTRL, &CTRL_RESET.to_le_bytes(), &mut PvSink(sink));
+        PvIrq::reset(self, &mut PvSink(sink));
     }
 
     fn stats(&self) -> RemapperStats {
