@@ -143,8 +143,7 @@ pub fn run(data: &[u8]) {
     // The PCI_CFG access capability is the last vendor capability.
     let cfg_cap = caps
         .iter()
-        .filter(|c| c.1 == regs::CAP_ID_VENDOR)
-        .last()
+        .rfind(|c| c.1 == regs::CAP_ID_VENDOR)
         .map_or(0, |c| c.0 as u64);
 
     // A driver's bring-up first, unless the input skips it.
