@@ -8,7 +8,7 @@ use devices::remap::{RecordingSink, RemapUnit};
 use devices::MsiMessage;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::{guest_memory, Input, MEM_SIZE};
+use crate::{fresh_guest_memory, Input, MEM_SIZE};
 
 /// Where the input's invalidation queue and remapping table go.
 const IQ_BASE: u64 = 0x0;
@@ -84,7 +84,7 @@ fn message(input: &mut Input<'_>) -> MsiMessage {
 /// Runs one fuzz input.
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
-    let mem = guest_memory();
+    let mem = fresh_guest_memory();
     // The queue (up to 256 descriptors) and the table (up to 2048 entries): from the input.
     let iq = input.bytes(usize::from(input.clone().u16() % 4096));
     let _ = mem.write_slice(iq, GuestAddress(IQ_BASE));

@@ -21,7 +21,7 @@ use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::queue::{Buffers, Desc, Driver, F_WRITE};
-use crate::{guest_memory, Input, MEM_SIZE};
+use crate::{fresh_guest_memory, Input, MEM_SIZE};
 
 /// A disk image in memory (no syscalls, so the fuzzer stays fast).
 #[derive(Debug)]
@@ -200,7 +200,7 @@ pub fn run(data: &[u8]) {
     let mode = input.u8();
     let behind_iommu = mode & 1 == 1;
     let read_only = mode & 2 == 2;
-    let mem = guest_memory();
+    let mem = fresh_guest_memory();
     let sectors = u64::from(input.u8() % 64) + 1;
     let size = (sectors * 512) as usize + usize::from(mode >> 7) * 100;
     let line = Arc::new(CountingLine::new());

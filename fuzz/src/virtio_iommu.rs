@@ -14,7 +14,7 @@ use devices::CountingLine;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::queue::{Buffers, Desc, Driver, F_WRITE};
-use crate::{guest_memory, Input};
+use crate::{fresh_guest_memory, Input};
 
 /// The endpoints the device knows (requests may name others).
 pub const ENDPOINTS: [u32; 3] = [1, 2, 3];
@@ -159,7 +159,7 @@ pub fn layout(
 /// Runs one fuzz input.
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
-    let mem = guest_memory();
+    let mem = fresh_guest_memory();
     let mut dev = VirtioIommu::new().expect("eventfd");
     for ep in ENDPOINTS {
         dev.endpoint(ep);

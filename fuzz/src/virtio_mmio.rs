@@ -14,7 +14,7 @@ use devices::{BusDevice, CountingLine};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::virtio_blk::MemDisk;
-use crate::{guest_memory, Input, MEM_SIZE};
+use crate::{fresh_guest_memory, Input, MEM_SIZE};
 
 /// The virtio-mmio registers a driver touches.
 const REGS: [u64; 26] = [
@@ -29,7 +29,7 @@ fn w32(t: &mut MmioTransport, off: u64, v: u32) {
 /// Runs one fuzz input.
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
-    let mem = guest_memory();
+    let mem = fresh_guest_memory();
     let kind = input.u8();
     let image = input.bytes(usize::from(input.clone().u16() % 8192));
     let _ = mem.write_slice(image, GuestAddress(u64::from(input.u16()) % MEM_SIZE));

@@ -124,12 +124,13 @@ impl MsixVectors {
     /// instead (the mask was lifted between the trigger and this call).
     pub fn set_pending(&self, v: u16) {
         let i = usize::from(v);
-        let Some(word) = self.pba.get(i / 64) else {
+        // Not `pba.get(i / 64)`: the last PBA word also covers vectors past the count.
+        let (Some(held), Some(word)) = (self.held.get(i), self.pba.get(i / 64)) else {
             return;
         };
         word.fetch_or(1 << (i % 64), Ordering::SeqCst);
         self.pending_sets.fetch_add(1, Ordering::Relaxed);
-        if !self.held[i].load(Ordering::SeqCst) {
+        if !held.load(Ordering::SeqCst) {
             self.deliver_pending(v);
         }
     }
@@ -532,6 +533,23 @@ mod tests {
         t.vectors().trigger(u16::MAX);
         t.vectors().set_pending(u16::MAX);
         assert!(!t.vectors().is_pending(0));
+    }
+
+    /// fuzz/regressions/msix/crash-f37c4ffe: `set_pending` of a vector past the count but
+    /// inside the last PBA word indexed the held flags out of bounds and panicked.
+    #[test]
+    fn fuzz_msix_crash_f37c4ffe_set_pending_past_the_count_in_the_last_pba_word() {
+        let (t, lines, _) = table(2);
+        for v in 2..64 {
+            t.vectors().set_pending(v);
+            t.vectors().trigger(v);
+            assert!(!t.vectors().is_pending(v));
+        }
+        assert_eq!(t.vectors().pending_sets(), 0);
+        let mut pba = [0u8; 8];
+        t.pba_read(0, &mut pba);
+        assert_eq!(u64::from_le_bytes(pba), 0, "no PBA bits past the table");
+        assert_eq!(lines[0].triggers() + lines[1].triggers(), 0);
     }
 
     #[test]

@@ -592,8 +592,9 @@ impl VirtioPciTransport {
             o if o < COMMON_OFFSET + 0x1000 => self.common_read(o, data),
             o if (ISR_OFFSET..ISR_OFFSET + 0x1000).contains(&o) => {
                 data.fill(0);
-                if o == ISR_OFFSET {
-                    data[0] = self.interrupt.take_status() as u8;
+                // A zero-length read neither reads nor clears the ISR.
+                if let (ISR_OFFSET, Some(b)) = (o, data.first_mut()) {
+                    *b = self.interrupt.take_status() as u8;
                 }
             }
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
@@ -924,6 +925,25 @@ mod tests {
         assert_eq!(f.lines[1].triggers(), 1);
         // Table size is read-only.
         assert_eq!(f.t.pci_config().read_u16(f.t.msix_cap + 2) & 0x7ff, 2);
+    }
+
+    /// fuzz/regressions/virtio_pci/crash-9960e0e3 (and pci_config/crash-92433988): a
+    /// zero-length BAR read at the ISR indexed `data[0]` and panicked.
+    #[test]
+    fn fuzz_virtio_pci_crash_9960e0e3_zero_length_isr_read() {
+        let mut f = fixture();
+        cfg_w(&mut f.t, 4, &regs::CMD_MEMORY.to_le_bytes());
+        f.t.interrupt.signal(VIRTIO_MMIO_INT_CONFIG);
+        f.t.bar_read(0, ISR_OFFSET, &mut []);
+        let mut b = [0u8; 1];
+        f.t.bar_read(0, ISR_OFFSET, &mut b);
+        assert_eq!(
+            u32::from(b[0]),
+            VIRTIO_MMIO_INT_CONFIG,
+            "the empty read did not clear the ISR"
+        );
+        f.t.bar_read(0, ISR_OFFSET, &mut b);
+        assert_eq!(b[0], 0, "read to clear");
     }
 
     #[test]
