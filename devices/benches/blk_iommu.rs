@@ -6,7 +6,9 @@
 //! Then MAP+UNMAP pairs per second through the virtio-iommu request path (goal >= 2 M/s on one
 //! core: strict mode sends a pair per I/O) and the premapped/no-IOMMU throughput ratio
 //! (goal >= 0.95), each against its target.
-//! Run: `cargo bench -p devices --bench blk_iommu [-- REQUESTS]`.
+//! Run: `cargo bench -p devices --bench blk_iommu [-- REQUESTS [PART]]`; PART (`physical`,
+//! `bypass`, `premapped`, `map-per-io` or `pairs`) runs only that part, once, for profiling
+//! (`valgrind --tool=callgrind`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -284,6 +286,24 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(64 * 500);
+    let part = std::env::args()
+        .skip(1)
+        .find(|a| a.parse::<usize>().is_err() && !a.starts_with('-'));
+    if let Some(part) = part {
+        let mode = match part.as_str() {
+            "physical" => Mode::Physical,
+            "bypass" => Mode::Bypass,
+            "premapped" => Mode::Premapped,
+            "map-per-io" => Mode::MapPerIo,
+            "pairs" => {
+                println!("{:.3} M pairs/s", map_unmap_pairs(n) / 1e6);
+                return;
+            }
+            other => panic!("unknown part {other}"),
+        };
+        println!("{:.0} ns/request", run(mode, n));
+        return;
+    }
     let modes = [
         (Mode::Physical, "guest-physical (no IOMMU)"),
         (Mode::Bypass, "behind virtio-iommu, bypass"),

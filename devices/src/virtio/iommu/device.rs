@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, Le16, Le64};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Le16, Le64, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mapping::{
@@ -231,20 +231,199 @@ fn readable_before_writable(chain: DescriptorChain<&DeviceMemory>) -> bool {
     true
 }
 
+/// The largest request body the device knows (PROBE's).
+const BODY_MAX: usize = size_of::<VirtioIommuReqProbe>();
+/// Chains of at most this many descriptors (Linux sends 2: request, tail) are parsed on the
+/// stack in one walk; longer ones take the general path (`virtio_queue::{Reader, Writer}`).
+const FAST_DESCS: usize = 4;
+
+/// The device-readable part of a request.
+struct Request {
+    /// Every readable descriptor lies in guest memory.
+    readable: bool,
+    /// The request type, if the head could be read.
+    type_: Option<u8>,
+    /// Readable bytes after the head.
+    body_len: usize,
+    /// The body, if `body_len <= BODY_MAX` and it could be read.
+    body: Option<[u8; BODY_MAX]>,
+}
+
 /// Reads a request body that must fill the rest of the readable part exactly.
-fn read_body<T: ByteValued>(reader: &mut Reader<'_>) -> Result<T, ReqError> {
-    if reader.available_bytes() != size_of::<T>() {
+fn read_body<T: ByteValued + Default>(req: &Request) -> Result<T, ReqError> {
+    if req.body_len != size_of::<T>() {
         debug!(
             "virtio-iommu: request body is {} bytes, expected {}",
-            reader.available_bytes(),
+            req.body_len,
             size_of::<T>()
         );
         return Err(ReqError::Inval);
     }
-    reader.read_obj::<T>().map_err(|e| {
-        debug!("virtio-iommu: cannot read request body: {e}");
-        ReqError::DevErr
-    })
+    let Some(body) = &req.body else {
+        debug!("virtio-iommu: cannot read request body");
+        return Err(ReqError::DevErr);
+    };
+    let mut obj = T::default();
+    // `size_of::<T>() == body_len <= BODY_MAX` here.
+    obj.as_mut_slice().copy_from_slice(&body[..size_of::<T>()]);
+    Ok(obj)
+}
+
+/// Where the reply goes: the writable descriptors of a short chain, or a general writer.
+enum ReplySink<'a> {
+    Descs {
+        descs: [(GuestAddress, u32, bool); FAST_DESCS],
+        n: usize,
+    },
+    Writer(Writer<'a>),
+}
+
+impl ReplySink<'_> {
+    /// Writes `buf` at the start of the writable part (the caller checked it fits).
+    fn write_all(&mut self, mem: &DeviceMemory, buf: &[u8]) -> Result<(), String> {
+        match self {
+            ReplySink::Writer(w) => std::io::Write::write_all(w, buf).map_err(|e| e.to_string()),
+            ReplySink::Descs { descs, n } => {
+                let mut done = 0;
+                for &(addr, len, _) in descs[..*n].iter().filter(|d| d.2) {
+                    if done == buf.len() {
+                        break;
+                    }
+                    let take = (len as usize).min(buf.len() - done);
+                    mem.write_slice(&buf[done..done + take], addr)
+                        .map_err(|e| e.to_string())?;
+                    done += take;
+                }
+                if done == buf.len() {
+                    Ok(())
+                } else {
+                    Err("writable part too short".into())
+                }
+            }
+        }
+    }
+}
+
+/// A parsed chain: descriptor order, the readable part, and the writable part with its size.
+/// `None` for the sink: fewer than 4 writable bytes, or a writable descriptor not in memory.
+type Parsed<'a> = (bool, Request, Option<(ReplySink<'a>, usize)>);
+
+/// Parses a chain of at most [`FAST_DESCS`] descriptors (`descs`, in chain order) with the
+/// same outcome as [`parse_general`], without allocating or walking the chain again.
+fn parse_fast<'a>(
+    mem: &'a DeviceMemory,
+    descs: [(GuestAddress, u32, bool); FAST_DESCS],
+    n: usize,
+) -> Parsed<'a> {
+    let list = &descs[..n];
+    // A readable descriptor after a writable one shows as a (writable, readable) neighbour pair.
+    let ordered = !list.windows(2).any(|w| w[0].2 && !w[1].2);
+
+    let mut raw = [0u8; HEAD_LEN + BODY_MAX];
+    let mut readable = true;
+    let mut total = 0usize;
+    for &(addr, len, _) in list.iter().filter(|d| !d.2) {
+        let len = len as usize;
+        if len == 0 {
+            continue;
+        }
+        // What of this descriptor lands in `raw`; the rest is only checked.
+        let take = raw.len().saturating_sub(total).min(len);
+        if take < len && !mem.check_range(addr, len, Permissions::Read) {
+            readable = false;
+        }
+        if take > 0 && mem.read_slice(&mut raw[total..total + take], addr).is_err() {
+            readable = false;
+        }
+        // At most FAST_DESCS u32 lengths: no overflow.
+        total += len;
+    }
+    let req = if readable && total >= HEAD_LEN {
+        let body_len = total - HEAD_LEN;
+        let mut body = [0u8; BODY_MAX];
+        if body_len <= BODY_MAX {
+            body[..body_len].copy_from_slice(&raw[HEAD_LEN..HEAD_LEN + body_len]);
+        }
+        Request {
+            readable,
+            type_: Some(raw[0]),
+            body_len,
+            body: (body_len <= BODY_MAX).then_some(body),
+        }
+    } else {
+        Request {
+            readable,
+            type_: None,
+            body_len: 0,
+            body: None,
+        }
+    };
+
+    let mut writable = 0usize;
+    let mut in_memory = true;
+    for &(addr, len, _) in list.iter().filter(|d| d.2) {
+        if len > 0 && !mem.check_range(addr, len as usize, Permissions::Write) {
+            in_memory = false;
+        }
+        writable += len as usize;
+    }
+    let sink =
+        (in_memory && writable >= TAIL_LEN).then_some((ReplySink::Descs { descs, n }, writable));
+    (ordered, req, sink)
+}
+
+/// Parses any chain through `virtio_queue`'s `Reader` and `Writer`.
+fn parse_general<'a>(
+    mem: &'a DeviceMemory,
+    chain: DescriptorChain<&'a DeviceMemory>,
+) -> Parsed<'a> {
+    let ordered = readable_before_writable(chain.clone());
+    let reader = Reader::new(mem, chain.clone())
+        .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
+        .ok();
+    let writer = Writer::new(mem, chain)
+        .map_err(|e| debug!("virtio-iommu: unwritable request: {e}"))
+        .ok();
+    let req = match reader {
+        None => Request {
+            readable: false,
+            type_: None,
+            body_len: 0,
+            body: None,
+        },
+        Some(mut r) => {
+            let head: Option<VirtioIommuReqHead> = (r.available_bytes() >= HEAD_LEN)
+                .then(|| r.read_obj().ok())
+                .flatten();
+            match head {
+                None => Request {
+                    readable: true,
+                    type_: None,
+                    body_len: 0,
+                    body: None,
+                },
+                Some(h) => {
+                    let body_len = r.available_bytes();
+                    let mut body = [0u8; BODY_MAX];
+                    let body = (body_len <= BODY_MAX)
+                        .then(|| std::io::Read::read_exact(&mut r, &mut body[..body_len]).ok())
+                        .flatten()
+                        .map(|()| body);
+                    Request {
+                        readable: true,
+                        type_: Some(h.type_),
+                        body_len,
+                        body,
+                    }
+                }
+            }
+        }
+    };
+    let sink = writer.filter(|w| w.available_bytes() >= TAIL_LEN).map(|w| {
+        let n = w.available_bytes();
+        (ReplySink::Writer(w), n)
+    });
+    (ordered, req, sink)
 }
 
 fn type_name(type_: u8) -> &'static str {
@@ -422,41 +601,46 @@ impl Inner {
         chain: DescriptorChain<&DeviceMemory>,
         tickets: &mut Vec<Ticket>,
     ) -> u32 {
-        let ordered = readable_before_writable(chain.clone());
-        let mut reader = Reader::new(mem, chain.clone())
-            .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
-            .ok();
-        let writer = Writer::new(mem, chain)
-            .map_err(|e| debug!("virtio-iommu: unwritable request: {e}"))
-            .ok();
-        let head: Option<VirtioIommuReqHead> = reader
-            .as_mut()
-            .filter(|r| r.available_bytes() >= HEAD_LEN)
-            .and_then(|r| r.read_obj().ok());
-        let type_ = head.map(|h| h.type_);
+        // One walk: short chains (all Linux sends) are parsed from this copy.
+        let mut descs = [(GuestAddress(0), 0u32, false); FAST_DESCS];
+        let mut n = 0;
+        let mut short = true;
+        for d in chain.clone() {
+            if n == FAST_DESCS {
+                short = false;
+                break;
+            }
+            descs[n] = (d.addr(), d.len(), d.is_write_only());
+            n += 1;
+        }
+        let (ordered, req, sink) = if short {
+            parse_fast(mem, descs, n)
+        } else {
+            parse_general(mem, chain)
+        };
+        let type_ = req.type_;
 
-        let Some(mut writer) = writer.filter(|w| w.available_bytes() >= TAIL_LEN) else {
+        let Some((mut sink, writable)) = sink else {
             debug!("virtio-iommu: request has no room for a tail; returned unwritten");
             self.count(type_, STATS_NO_STATUS);
             return 0;
         };
-        let writable = writer.available_bytes();
 
-        let reply = match (ordered, reader.as_mut(), type_) {
+        let reply = match (ordered, req.readable, type_) {
             (false, _, _) => {
                 debug!("virtio-iommu: readable descriptor after a writable one");
                 Reply::status(VIRTIO_IOMMU_S_DEVERR)
             }
-            (true, None, _) | (true, Some(_), None) => {
+            (true, false, _) | (true, true, None) => {
                 debug!("virtio-iommu: request head missing or unreadable");
                 Reply::status(VIRTIO_IOMMU_S_DEVERR)
             }
-            (true, Some(reader), Some(t)) => match t {
-                VIRTIO_IOMMU_T_ATTACH => self.attach(reader, tickets).into(),
-                VIRTIO_IOMMU_T_DETACH => self.detach(reader, tickets).into(),
-                VIRTIO_IOMMU_T_MAP => self.map(reader).into(),
-                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader, tickets).into(),
-                VIRTIO_IOMMU_T_PROBE => self.probe(reader, writable - TAIL_LEN),
+            (true, true, Some(t)) => match t {
+                VIRTIO_IOMMU_T_ATTACH => self.attach(&req, tickets).into(),
+                VIRTIO_IOMMU_T_DETACH => self.detach(&req, tickets).into(),
+                VIRTIO_IOMMU_T_MAP => self.map(&req).into(),
+                VIRTIO_IOMMU_T_UNMAP => self.unmap(&req, tickets).into(),
+                VIRTIO_IOMMU_T_PROBE => self.probe(&req, writable - TAIL_LEN),
                 _ => {
                     debug!("virtio-iommu: unknown request type {t}; returned unwritten");
                     self.count(None, STATS_NO_STATUS);
@@ -464,7 +648,6 @@ impl Inner {
                 }
             },
         };
-
         if reply.status != VIRTIO_IOMMU_S_OK {
             let t = type_.unwrap_or(0);
             let (name, status) = (type_name(t), reply.status);
@@ -483,11 +666,12 @@ impl Inner {
             0
         };
         let tail_at = expected_props.min(writable - TAIL_LEN);
-        let mut buf = vec![0u8; tail_at + TAIL_LEN];
+        let mut buf = [0u8; PROBE_SIZE as usize + TAIL_LEN];
+        let buf = &mut buf[..tail_at + TAIL_LEN];
         let n = reply.props.len().min(tail_at);
         buf[..n].copy_from_slice(&reply.props[..n]);
         buf[tail_at] = reply.status;
-        if let Err(e) = std::io::Write::write_all(&mut writer, &buf) {
+        if let Err(e) = sink.write_all(mem, buf) {
             debug!("virtio-iommu: cannot write request reply: {e}");
             self.count(type_, STATS_NO_STATUS);
             return 0;
@@ -497,8 +681,8 @@ impl Inner {
         buf.len() as u32
     }
 
-    fn attach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
-        let req: VirtioIommuReqAttach = read_body(reader)?;
+    fn attach(&self, req: &Request, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
+        let req: VirtioIommuReqAttach = read_body(req)?;
         if req.reserved != [0; 4] {
             return Err(ReqError::Inval);
         }
@@ -513,8 +697,8 @@ impl Inner {
         r
     }
 
-    fn detach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
-        let req: VirtioIommuReqDetach = read_body(reader)?;
+    fn detach(&self, req: &Request, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
+        let req: VirtioIommuReqDetach = read_body(req)?;
         let (domain, endpoint) = (u32::from(req.domain), u32::from(req.endpoint));
         debug!("virtio-iommu: DETACH endpoint {endpoint} from domain {domain}");
         let (r, t) = self.update(|s| split(s.detach(domain, endpoint)));
@@ -522,11 +706,11 @@ impl Inner {
         r
     }
 
-    fn map(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn map(&self, req: &Request) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
-        let req: VirtioIommuReqMap = read_body(reader)?;
+        let req: VirtioIommuReqMap = read_body(req)?;
         let (domain, start, end, phys, flags) = (
             u32::from(req.domain),
             u64::from(req.virt_start),
@@ -538,11 +722,11 @@ impl Inner {
         lock(&self.shared.state).map(domain, start, end, phys, flags)
     }
 
-    fn unmap(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
+    fn unmap(&self, req: &Request, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
-        let req: VirtioIommuReqUnmap = read_body(reader)?;
+        let req: VirtioIommuReqUnmap = read_body(req)?;
         // §5.13.6.6: the device MAY reject a non-zero `reserved` with INVAL; we do, and
         // leave the mappings alone.
         if req.reserved != [0; 4] {
@@ -561,11 +745,11 @@ impl Inner {
     /// PROBE: one RESV_MEM/MSI property for the x86 MSI doorbell window, then zeros (type
     /// NONE). Without the MSI property Linux invents an ARM-style software MSI window at
     /// 0x800_0000 (brief A.6).
-    fn probe(&self, reader: &mut Reader<'_>, props_len: usize) -> Reply {
+    fn probe(&self, req: &Request, props_len: usize) -> Reply {
         if !self.negotiated(VIRTIO_IOMMU_F_PROBE) {
             return Reply::status(VIRTIO_IOMMU_S_UNSUPP);
         }
-        let req: VirtioIommuReqProbe = match read_body(reader) {
+        let req: VirtioIommuReqProbe = match read_body(req) {
             Ok(r) => r,
             Err(e) => return Reply::status(e.status()),
         };
