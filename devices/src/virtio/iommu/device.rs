@@ -169,7 +169,7 @@ struct Inner {
     endpoints: Mutex<BTreeMap<u32, EndpointIommu>>,
     acked_features: AtomicU64,
     active: Mutex<Option<Arc<Active>>>,
-    requests: Mutex<[[u64; STATS_STATUSES]; STATS_TYPES]>,
+    requests: [[AtomicU64; STATS_STATUSES]; STATS_TYPES],
 }
 
 /// The virtio-iommu device; see the [module docs](super).
@@ -452,7 +452,7 @@ impl VirtioIommu {
                 endpoints: Mutex::new(BTreeMap::new()),
                 acked_features: AtomicU64::new(0),
                 active: Mutex::new(None),
-                requests: Mutex::new([[0; STATS_STATUSES]; STATS_TYPES]),
+                requests: Default::default(),
             }),
         })
     }
@@ -510,7 +510,10 @@ impl Inner {
         };
         let c = &self.shared.counters;
         IommuStats {
-            requests: *lock(&self.requests),
+            requests: self
+                .requests
+                .each_ref()
+                .map(|row| row.each_ref().map(|c| c.load(Ordering::Relaxed))),
             domains,
             mappings,
             iotlb_lookups: lookups,
@@ -551,21 +554,18 @@ impl Inner {
         &self,
         op: impl FnOnce(&mut MappingState) -> (T, Invalidation),
     ) -> (T, Vec<Ticket>) {
-        let (out, affected) = {
-            let registry = lock(&self.endpoints);
-            let mut state = lock(&self.shared.state);
-            let (out, inv) = op(&mut state);
-            let affected: Vec<EndpointIommu> = inv
-                .endpoints
-                .iter()
-                .filter_map(|ep| registry.get(ep).cloned())
-                .collect();
-            for h in &affected {
-                h.invalidate(inv.ranges.as_deref());
-            }
-            (out, affected)
-        };
-        (out, affected.iter().map(EndpointIommu::ticket).collect())
+        let registry = lock(&self.endpoints);
+        let mut state = lock(&self.shared.state);
+        let (out, inv) = op(&mut state);
+        let mut tickets = Vec::new();
+        for h in inv.endpoints.iter().filter_map(|ep| registry.get(ep)) {
+            h.invalidate(inv.ranges.as_deref());
+            // After the invalidation; requests that begin from now on see it. Taking the
+            // ticket under the state mutex is fine: nothing holds an endpoint's in-flight
+            // lock while waiting for the state.
+            tickets.extend(h.ticket());
+        }
+        (out, tickets)
     }
 
     /// [`Inner::update`], then waits (blocking) for the affected endpoints' requests.
@@ -585,11 +585,12 @@ impl Inner {
             .map(usize::from)
             .filter(|&t| t < STATS_TYPES)
             .unwrap_or(0);
-        if let Some(slot) = lock(&self.requests)
-            .get_mut(row)
-            .and_then(|r| r.get_mut(status.min(STATS_NO_STATUS)))
+        if let Some(slot) = self
+            .requests
+            .get(row)
+            .and_then(|r| r.get(status.min(STATS_NO_STATUS)))
         {
-            *slot += 1;
+            slot.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -511,21 +511,17 @@ impl MappingState {
         if splits_first || splits_last {
             return Err(ReqError::Range);
         }
-        let starts: Vec<u64> = d
-            .mappings
-            .range(virt_start..=virt_end)
-            .map(|(&s, _)| s)
-            .collect();
-        if starts.is_empty() {
-            return Ok(Invalidation::default());
-        }
-        let mut ranges = Vec::with_capacity(starts.len());
-        for s in starts {
+        let mut ranges = Vec::new();
+        // Each removal is O(log n); no list of keys is built first.
+        while let Some((&s, _)) = d.mappings.range(virt_start..=virt_end).next() {
             if let Some(m) = d.mappings.remove(&s) {
                 // `end - s + 1` cannot overflow: MAP keeps `end` inside a 48-bit-ish input
                 // range, and saturating covers a custom full-range limit.
                 ranges.push((s, (m.end - s).saturating_add(1)));
             }
+        }
+        if ranges.is_empty() {
+            return Ok(Invalidation::default());
         }
         self.mapping_count -= ranges.len();
         Ok(Invalidation {

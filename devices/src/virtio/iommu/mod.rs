@@ -28,7 +28,7 @@
 //! MAP needs no invalidation: a miss refills. UNMAP, DETACH, ATTACH (moving an endpoint out
 //! of bypass or out of another domain), clearing `bypass`, and device reset all restrict
 //! translations: the device drops the affected IOTLB entries while it still holds the state
-//! mutex (so no endpoint can refill a stale entry), releases the mutex, and takes a ticket on
+//! mutex (so no endpoint can refill a stale entry) and takes a ticket on
 //! each affected endpoint's in-flight requests (below). The request's used buffer is
 //! published only when those requests have finished: at once if there are none, else later
 //! (the last of them wakes the worker through the fault eventfd), while the requests queued
@@ -168,17 +168,21 @@ impl Drop for RequestGuard<'_> {
         let in_flight = &self.endpoint.requests;
         let mut s = lock(&in_flight.state);
         let mut last_of_waited_epoch = false;
-        if let Some(n) = s.by_epoch.get_mut(&self.epoch) {
+        if self.epoch == s.epoch {
+            // Nobody took a ticket while this request ran: nobody waits for it.
+            s.current -= 1;
+        } else if let Some(n) = s.older.get_mut(&self.epoch) {
             *n -= 1;
             if *n == 0 {
-                s.by_epoch.remove(&self.epoch);
+                s.older.remove(&self.epoch);
                 // Somebody took a ticket while this request ran (an UNMAP, say).
-                last_of_waited_epoch = self.epoch < s.epoch;
+                last_of_waited_epoch = true;
             }
         }
         drop(s);
-        in_flight.done.notify_all();
         if last_of_waited_epoch {
+            // Only the end of an older epoch can satisfy a waiter.
+            in_flight.done.notify_all();
             if let Some(shared) = &self.endpoint.shared {
                 // Wakes the IOMMU's worker, which publishes completions deferred on this.
                 if let Err(e) = shared.fault_evt.write(1) {
@@ -222,35 +226,46 @@ struct InFlight {
 #[derive(Debug, Default)]
 struct InFlightState {
     epoch: u64,
-    /// Requests still running, per start epoch (no zero counts).
-    by_epoch: BTreeMap<u64, usize>,
+    /// Requests still running that started in `epoch` (the common case: no allocation).
+    current: usize,
+    /// Requests still running that started in earlier epochs, per start epoch (no zero
+    /// counts). Only tickets move requests here.
+    older: BTreeMap<u64, usize>,
 }
 
 impl InFlight {
     fn begin(&self) -> u64 {
         let mut s = lock(&self.state);
-        let epoch = s.epoch;
-        *s.by_epoch.entry(epoch).or_default() += 1;
-        epoch
+        s.current += 1;
+        s.epoch
     }
 
-    /// Starts a new epoch; returns the last one, whose requests a waiter waits for.
-    fn ticket(&self) -> u64 {
+    /// Starts a new epoch; returns the last one, whose requests a waiter waits for. `None`
+    /// when no request is in flight: there is nothing to wait for (a request that begins
+    /// later translates after the caller's invalidation).
+    fn ticket(&self) -> Option<u64> {
         let mut s = lock(&self.state);
+        if s.current == 0 && s.older.is_empty() {
+            return None;
+        }
         let before = s.epoch;
+        if s.current > 0 {
+            let n = std::mem::take(&mut s.current);
+            s.older.insert(before, n);
+        }
         // A u64 of epochs does not wrap.
         s.epoch += 1;
-        before
+        Some(before)
     }
 
     fn done(&self, ticket: u64) -> bool {
-        lock(&self.state).by_epoch.range(..=ticket).next().is_none()
+        lock(&self.state).older.range(..=ticket).next().is_none()
     }
 
     /// Waits for every request of epoch `ticket` or earlier.
     fn wait(&self, ticket: u64) {
         let mut s = lock(&self.state);
-        while s.by_epoch.range(..=ticket).next().is_some() {
+        while s.older.range(..=ticket).next().is_some() {
             s = self
                 .done
                 .wait(s)
@@ -260,7 +275,8 @@ impl InFlight {
 
     /// Requests in flight now (for tests and diagnostics).
     fn count(&self) -> usize {
-        lock(&self.state).by_epoch.values().sum()
+        let s = lock(&self.state);
+        s.current + s.older.values().sum::<usize>()
     }
 }
 
@@ -327,12 +343,13 @@ impl EndpointIommu {
     }
 
     /// Call after invalidating this endpoint's IOTLB: what to wait for before telling the
-    /// driver that the old translations are gone.
-    pub(crate) fn ticket(&self) -> Ticket {
-        Ticket {
+    /// driver that the old translations are gone (`None`: no request in flight, nothing).
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        let epoch = self.inner.requests.ticket()?;
+        Some(Ticket {
             endpoint: self.clone(),
-            epoch: self.inner.requests.ticket(),
-        }
+            epoch,
+        })
     }
 
     /// Requests of this endpoint in flight (holding a [`RequestGuard`]) right now.
