@@ -219,7 +219,7 @@ fn split(r: Result<Invalidation, ReqError>) -> (Result<(), ReqError>, Invalidati
 }
 
 /// Whether no device-readable descriptor follows a device-writable one (virtio 1.2 §2.7.4.2).
-fn readable_before_writable(chain: DescriptorChain<&DeviceMemory>) -> bool {
+fn readable_before_writable<M: GuestMemory>(chain: DescriptorChain<&M>) -> bool {
     let mut seen_writable = false;
     for desc in chain {
         if desc.is_write_only() {
@@ -230,6 +230,10 @@ fn readable_before_writable(chain: DescriptorChain<&DeviceMemory>) -> bool {
     }
     true
 }
+
+/// Memory the request path runs on: the device's [`DeviceMemory`], or the guest RAM behind it.
+trait Mem: GuestMemory<Bitmap = ()> {}
+impl<M: GuestMemory<Bitmap = ()>> Mem for M {}
 
 /// The largest request body the device knows (PROBE's).
 const BODY_MAX: usize = size_of::<VirtioIommuReqProbe>();
@@ -280,7 +284,7 @@ enum ReplySink<'a> {
 
 impl ReplySink<'_> {
     /// Writes `buf` at the start of the writable part (the caller checked it fits).
-    fn write_all(&mut self, mem: &DeviceMemory, buf: &[u8]) -> Result<(), String> {
+    fn write_all<M: GuestMemory>(&mut self, mem: &M, buf: &[u8]) -> Result<(), String> {
         match self {
             ReplySink::Writer(w) => std::io::Write::write_all(w, buf).map_err(|e| e.to_string()),
             ReplySink::Descs { descs, n } => {
@@ -310,8 +314,8 @@ type Parsed<'a> = (bool, Request, Option<(ReplySink<'a>, usize)>);
 
 /// Parses a chain of at most [`FAST_DESCS`] descriptors (`descs`, in chain order) with the
 /// same outcome as [`parse_general`], without allocating or walking the chain again.
-fn parse_fast<'a>(
-    mem: &'a DeviceMemory,
+fn parse_fast<'a, M: GuestMemory>(
+    mem: &'a M,
     descs: [(GuestAddress, u32, bool); FAST_DESCS],
     n: usize,
 ) -> Parsed<'a> {
@@ -373,10 +377,7 @@ fn parse_fast<'a>(
 }
 
 /// Parses any chain through `virtio_queue`'s `Reader` and `Writer`.
-fn parse_general<'a>(
-    mem: &'a DeviceMemory,
-    chain: DescriptorChain<&'a DeviceMemory>,
-) -> Parsed<'a> {
+fn parse_general<'a, M: Mem>(mem: &'a M, chain: DescriptorChain<&'a M>) -> Parsed<'a> {
     let ordered = readable_before_writable(chain.clone());
     let reader = Reader::new(mem, chain.clone())
         .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
@@ -596,10 +597,10 @@ impl Inner {
 
     /// Handles one request chain; returns the used length. `tickets` gets what must finish
     /// before the used buffer may be published.
-    fn handle_request(
+    fn handle_request<M: Mem>(
         &self,
-        mem: &DeviceMemory,
-        chain: DescriptorChain<&DeviceMemory>,
+        mem: &M,
+        chain: DescriptorChain<&M>,
         tickets: &mut Vec<Ticket>,
     ) -> u32 {
         // One walk: short chains (all Linux sends) are parsed from this copy.
@@ -797,13 +798,28 @@ impl Inner {
     }
 
     fn process_requests_budget(&self, active: &Active, queue: &Mutex<Queue>) -> QueueProgress {
+        match active.mem.physical_memory() {
+            // The virtio-iommu does not sit behind an IOMMU (it does not offer
+            // ACCESS_PLATFORM): its memory is plain guest RAM, the same accesses `IommuMemory`
+            // makes with translation disabled, without its per-access wrapper.
+            Some(phys) => self.process_requests_in(active, queue, phys),
+            None => self.process_requests_in(active, queue, &active.mem),
+        }
+    }
+
+    fn process_requests_in<M: Mem>(
+        &self,
+        active: &Active,
+        queue: &Mutex<Queue>,
+        mem: &M,
+    ) -> QueueProgress {
         for _ in 0..REQUESTS_PER_KICK {
             let chain = {
                 let mut q = lock(queue);
                 if !active.live.load(Ordering::SeqCst) {
                     return QueueProgress::Idle;
                 }
-                q.pop_descriptor_chain(&active.mem)
+                q.pop_descriptor_chain(mem)
             };
             let Some(chain) = chain else {
                 return QueueProgress::Idle;
@@ -812,7 +828,7 @@ impl Inner {
             // Invalidations happen inside; the used buffer is published only once no request
             // can still use the old translations.
             let mut tickets = Vec::new();
-            let len = self.handle_request(&active.mem, chain, &mut tickets);
+            let len = self.handle_request(mem, chain, &mut tickets);
             tickets.retain(|t| !t.done());
             let mut q = lock(queue);
             if !active.live.load(Ordering::SeqCst) {
@@ -822,11 +838,11 @@ impl Inner {
                 lock(&active.deferred).push(Deferred { head, len, tickets });
                 continue;
             }
-            if let Err(e) = q.add_used(&active.mem, head, len) {
+            if let Err(e) = q.add_used(mem, head, len) {
                 warn!("virtio-iommu: cannot return request {head}: {e}");
                 return QueueProgress::Idle;
             }
-            Self::notify(&mut q, active, REQUEST_QUEUE);
+            Self::notify(&mut q, mem, active, REQUEST_QUEUE);
         }
         QueueProgress::More
     }
@@ -856,7 +872,7 @@ impl Inner {
         }
         drop(deferred);
         if completed {
-            Self::notify(&mut q, active, REQUEST_QUEUE);
+            Self::notify(&mut q, &active.mem, active, REQUEST_QUEUE);
         }
     }
 
@@ -908,13 +924,13 @@ impl Inner {
             completed = true;
         }
         if completed {
-            Self::notify(&mut q, active, EVENT_QUEUE);
+            Self::notify(&mut q, &active.mem, active, EVENT_QUEUE);
         }
         progress
     }
 
-    fn notify(queue: &mut Queue, active: &Active, index: usize) {
-        match queue.needs_notification(&active.mem) {
+    fn notify<M: GuestMemory>(queue: &mut Queue, mem: &M, active: &Active, index: usize) {
+        match queue.needs_notification(mem) {
             Ok(false) => {}
             Ok(true) => active.interrupt.signal_used_queue(),
             Err(e) => {
