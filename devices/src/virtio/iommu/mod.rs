@@ -74,6 +74,7 @@ use vm_memory::iommu::{Error as IommuError, Iommu, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iotlb, Le32, Le64, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
+mod cached;
 pub mod device;
 pub mod mapping;
 pub mod protocol;
@@ -81,6 +82,7 @@ pub mod protocol;
 #[cfg(test)]
 mod tests;
 
+pub use cached::CachedMemory;
 pub use device::{IommuStats, VirtioIommu, VirtioIommuError};
 pub use mapping::{MappingLimits, MappingState};
 pub use protocol::VirtioIommuFault;
@@ -289,6 +291,9 @@ struct EndpointInner {
     requests: InFlight,
     /// `None`: pass-through handle, identity translation.
     shared: Option<Arc<Shared>>,
+    /// Bumped (under the IOTLB write lock) by every invalidation: a [`CachedMemory`] drops
+    /// its page translations when it changes.
+    generation: AtomicU64,
     lookups: AtomicU64,
     fills: AtomicU64,
 }
@@ -321,6 +326,7 @@ impl EndpointIommu {
                 iotlb: RwLock::new(Iotlb::new()),
                 requests: InFlight::default(),
                 shared,
+                generation: AtomicU64::new(0),
                 lookups: AtomicU64::new(0),
                 fills: AtomicU64::new(0),
             }),
@@ -368,6 +374,9 @@ impl EndpointIommu {
     /// iterators before doing I/O), so this never waits for a device's I/O.
     fn invalidate(&self, ranges: Option<&[(u64, u64)]>) {
         let mut tlb = write(&self.inner.iotlb);
+        // Before the entries go (the lock orders both for IOTLB readers); `Release` pairs
+        // with [`EndpointIommu::generation`].
+        self.inner.generation.fetch_add(1, Ordering::Release);
         match ranges {
             None => tlb.invalidate_all(),
             Some(ranges) => {
@@ -381,6 +390,26 @@ impl EndpointIommu {
                 }
             }
         }
+    }
+
+    /// The invalidation generation: read it before [`EndpointIommu::cached_page`], and trust
+    /// that page translation only while it stays the same.
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Where the IOTLB maps the whole `GRANULE`-aligned page at `page` with `access`, if it
+    /// holds it that way now, as one guest-physical range. No fill and no fault: a miss is
+    /// left to [`Iommu::translate`].
+    pub(crate) fn cached_page(&self, page: u64, access: Permissions) -> Option<u64> {
+        // `Iotlb::lookup` computes `page + GRANULE`; it must not wrap.
+        page.checked_add(mapping::GRANULE)?;
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
+        let tlb = read(&self.inner.iotlb);
+        let mut hit =
+            Iotlb::lookup(tlb, GuestAddress(page), mapping::GRANULE as usize, access).ok()?;
+        let first = hit.next()?;
+        (first.length as u64 == mapping::GRANULE).then_some(first.base.0)
     }
 
     fn fill(tlb: &mut Iotlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {

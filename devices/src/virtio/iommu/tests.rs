@@ -13,7 +13,9 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, Le32, Le64};
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Le32, Le64, Permissions,
+};
 
 use super::device::*;
 use super::protocol::*;
@@ -1505,4 +1507,71 @@ fn block_dma_to_unmapped_or_read_only_iova_fails_and_reports_fault() {
         ]
     );
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn cached_memory_forgets_a_page_when_it_is_unmapped() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    h.status(&attach_req(1, 1, 0));
+    h.status(&map_req(1, 0x4000, 0x4fff, DATA, RW));
+    let ep = h.ep_mem(1);
+    let cached = CachedMemory::new(&ep);
+    // The first access fills the IOTLB; later ones hit the remembered page.
+    cached.write_obj(7u32, GuestAddress(0x4010)).unwrap();
+    assert_eq!(cached.read_obj::<u32>(GuestAddress(0x4010)).unwrap(), 7);
+    assert_eq!(cached.read_obj::<u32>(GuestAddress(0x4ffc)).unwrap(), 0);
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+    assert_eq!(h.dev.stats().faults, 0);
+
+    h.status(&unmap_req(1, 0x4000, 0x4fff));
+    assert!(cached.read_obj::<u32>(GuestAddress(0x4010)).is_err());
+    assert!(cached.write_obj(8u32, GuestAddress(0x4010)).is_err());
+    assert!(!cached.check_range(GuestAddress(0x4010), 4, Permissions::Read));
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+    assert_eq!(h.dev.stats().faults, 3);
+
+    // Mapped again elsewhere: the new translation, never the old one.
+    h.status(&map_req(1, 0x4000, 0x4fff, DATA + 0x1000, RW));
+    cached.write_obj(9u32, GuestAddress(0x4010)).unwrap();
+    assert_eq!(
+        h.mem.read_obj::<u32>(GuestAddress(DATA + 0x1010)).unwrap(),
+        9
+    );
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+}
+
+#[test]
+fn cached_memory_keeps_permissions_and_page_bounds() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    h.status(&attach_req(1, 1, 0));
+    h.status(&map_req(1, 0x4000, 0x4fff, DATA, R));
+    h.status(&map_req(1, 0x5000, 0x5fff, DATA + 0x3000, RW));
+    let ep = h.ep_mem(1);
+    let cached = CachedMemory::new(&ep);
+    for _ in 0..2 {
+        assert!(cached.read_obj::<u32>(GuestAddress(0x4010)).is_ok());
+        assert!(cached.write_obj(7u32, GuestAddress(0x4010)).is_err());
+        assert!(!cached.check_range(GuestAddress(0x4010), 4, Permissions::Write));
+    }
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 0);
+    assert_eq!(h.dev.stats().faults, 4);
+    // Across the page boundary into a mapping elsewhere: split like `IommuMemory` does.
+    cached.read_obj::<u32>(GuestAddress(0x5000)).unwrap();
+    cached
+        .write_slice(&[1, 2, 3, 4], GuestAddress(0x4ffe))
+        .unwrap_err();
+    cached
+        .write_slice(&[1, 2, 3, 4], GuestAddress(0x5ffe))
+        .unwrap_err();
+    cached.write_slice(&[1, 2], GuestAddress(0x5ffe)).unwrap();
+    let mut a = [0u8; 2];
+    h.mem
+        .read_slice(&mut a, GuestAddress(DATA + 0x3ffe))
+        .unwrap();
+    assert_eq!(a, [1, 2]);
+    // Outside every mapping.
+    assert!(cached.read_obj::<u8>(GuestAddress(0x6000)).is_err());
+    assert!(cached.read_obj::<u8>(GuestAddress(u64::MAX)).is_err());
 }
