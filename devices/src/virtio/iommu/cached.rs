@@ -15,8 +15,9 @@
 //!   waits for slices handed out by `IommuMemory`.
 //!
 //! Only whole `GRANULE` pages that the IOTLB already holds, with the access's permission,
-//! are remembered; anything else (a miss, a fault, an access crossing a page) goes through
-//! `IommuMemory` unchanged, with its fault reporting and IOTLB fills.
+//! are remembered, for small accesses; anything else (a miss, a fault, an access crossing a
+//! page, a data buffer) goes through `IommuMemory` unchanged, with its fault reporting and
+//! IOTLB fills.
 
 use std::cell::Cell;
 use std::iter::FusedIterator;
@@ -32,26 +33,39 @@ use crate::virtio::DeviceMemory;
 
 /// Pages remembered at once (rings, a request header page, a few spare).
 const PAGES: usize = 8;
+/// Largest access served from a remembered page.
+const SMALL: usize = 256;
 
 #[derive(Clone, Copy, Debug)]
 struct Page {
-    /// First IOVA of the page.
+    /// First IOVA of the page; [`NO_PAGE`] for an empty slot.
     iova: u64,
     /// Guest-physical address of `iova`.
     phys: u64,
     /// What the IOTLB allowed when the page was looked up.
     access: Permissions,
+    /// The endpoint's invalidation generation read before the lookup.
+    generation: u64,
 }
+
+/// Not a page address (pages are `GRANULE`-aligned).
+const NO_PAGE: u64 = u64::MAX;
+
+const EMPTY: Page = Page {
+    iova: NO_PAGE,
+    phys: 0,
+    access: Permissions::No,
+    generation: 0,
+};
 
 /// A [`DeviceMemory`] that remembers page translations; see the [module docs](self). Use one
 /// per worker pass over a queue, only while holding a request guard for every access.
 #[derive(Debug)]
 pub struct CachedMemory<'a> {
     mem: &'a DeviceMemory,
-    /// Generation the remembered pages belong to.
-    generation: Cell<u64>,
-    pages: [Cell<Option<Page>>; PAGES],
-    /// Round-robin slot for the next page.
+    pages: [Cell<Page>; PAGES],
+    /// The slot that hit last (checked first), and the one to fill next (round-robin).
+    last: Cell<usize>,
     next: Cell<usize>,
 }
 
@@ -60,8 +74,8 @@ impl<'a> CachedMemory<'a> {
     pub fn new(mem: &'a DeviceMemory) -> Self {
         CachedMemory {
             mem,
-            generation: Cell::new(0),
-            pages: Default::default(),
+            pages: [const { Cell::new(EMPTY) }; PAGES],
+            last: Cell::new(0),
             next: Cell::new(0),
         }
     }
@@ -79,20 +93,26 @@ impl<'a> CachedMemory<'a> {
         }
         let page = addr.0 & !(GRANULE - 1);
         let offset = addr.0 - page;
-        // Inside one page (no overflow: offset < GRANULE, and count is checked first).
-        if count as u64 > GRANULE || offset + count as u64 > GRANULE {
+        // Small (ring entries, descriptors, headers, statuses: data buffers would only push
+        // those pages out) and inside one page (no overflow: offset < GRANULE, and count is
+        // checked first).
+        if count > SMALL || offset + count as u64 > GRANULE {
             return None;
         }
         let iommu = self.mem.iommu();
+        // Any invalidation since a page was remembered makes it useless.
         let generation = iommu.generation();
-        if generation != self.generation.get() {
-            for p in &self.pages {
-                p.set(None);
-            }
-            self.generation.set(generation);
+        let usable =
+            |p: &Page| p.iova == page && p.generation == generation && p.access.allow(access);
+        let last = self.last.get();
+        let p = self.pages[last].get();
+        if usable(&p) {
+            return Some(p.phys + offset);
         }
-        for p in self.pages.iter().filter_map(Cell::get) {
-            if p.iova == page && p.access.allow(access) {
+        for (i, slot) in self.pages.iter().enumerate() {
+            let p = slot.get();
+            if usable(&p) {
+                self.last.set(i);
                 return Some(p.phys + offset);
             }
         }
@@ -107,11 +127,13 @@ impl<'a> CachedMemory<'a> {
                     .map(|p| (p, access))
             })?;
         let slot = self.next.get();
-        self.pages[slot].set(Some(Page {
+        self.pages[slot].set(Page {
             iova: page,
             phys,
             access: allowed,
-        }));
+            generation,
+        });
+        self.last.set(slot);
         self.next.set((slot + 1) % PAGES);
         Some(phys + offset)
     }
