@@ -1,23 +1,23 @@
 // SPDX-License-Identifier: Apache-2.0
 
-//! [`CachedMemory`]: a device model's [`DeviceMemory`] with the page translations it used
-//! recently remembered, so that the ring and header accesses of a batch of requests do not
-//! each pay a full IOTLB lookup.
+//! [`CachedMemory`]: a device model's [`DeviceMemory`] that remembers the IOTLB entries it
+//! used recently, so that the ring, header and buffer accesses of a batch of requests do not
+//! each pay `vm_memory::Iotlb`'s lookup.
 //!
-//! Correctness rests on two things:
-//! - every remembered translation is tagged with the endpoint's invalidation generation, read
+//! Correctness rests on three things:
+//! - it only remembers entries the endpoint's IOTLB holds (copied out under the IOTLB lock,
+//!   no fill, no fault), and checks each access against the entry's bounds and permissions;
+//! - every remembered entry is tagged with the endpoint's invalidation generation, read
 //!   before the IOTLB was consulted; any invalidation (UNMAP, DETACH, ATTACH, bypass, reset)
-//!   bumps it under the IOTLB write lock, and a changed generation drops every remembered
-//!   page before the next access;
+//!   bumps it under the IOTLB write lock, and a changed generation makes every remembered
+//!   entry useless before the next access;
 //! - accesses happen only under a request guard (the
 //!   [request-guard contract](super#request-guard-contract-for-device-models)): an
 //!   invalidation that lands after the generation check waits for the guard, exactly as it
 //!   waits for slices handed out by `IommuMemory`.
 //!
-//! Only whole `GRANULE` pages that the IOTLB already holds, with the access's permission,
-//! are remembered, for small accesses; anything else (a miss, a fault, an access crossing a
-//! page, a data buffer) goes through `IommuMemory` unchanged, with its fault reporting and
-//! IOTLB fills.
+//! Anything else (an IOTLB miss, a fault, an access spanning entries) goes through
+//! `IommuMemory` unchanged, with its fault reporting and IOTLB fills.
 
 use std::cell::Cell;
 use std::iter::FusedIterator;
@@ -28,42 +28,59 @@ use vm_memory::{
     GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions, VolatileSlice,
 };
 
-use super::mapping::GRANULE;
 use crate::virtio::DeviceMemory;
 
-/// Pages remembered at once (rings, a request header page, a few spare).
-const PAGES: usize = 8;
-/// Largest access served from a remembered page.
-const SMALL: usize = 256;
+/// IOTLB entries remembered at once (rings, request headers, data buffers).
+const RANGES: usize = 8;
 
+/// A remembered IOTLB entry: `[iova, iova + len)` maps to `phys`.
 #[derive(Clone, Copy, Debug)]
-struct Page {
-    /// First IOVA of the page; [`NO_PAGE`] for an empty slot.
+struct Range {
     iova: u64,
-    /// Guest-physical address of `iova`.
+    /// 0 for an empty slot.
+    len: u64,
     phys: u64,
-    /// What the IOTLB allowed when the page was looked up.
+    /// What the entry allows.
     access: Permissions,
     /// The endpoint's invalidation generation read before the lookup.
     generation: u64,
 }
 
-/// Not a page address (pages are `GRANULE`-aligned).
-const NO_PAGE: u64 = u64::MAX;
-
-const EMPTY: Page = Page {
-    iova: NO_PAGE,
+const EMPTY: Range = Range {
+    iova: 0,
+    len: 0,
     phys: 0,
     access: Permissions::No,
     generation: 0,
 };
 
-/// A [`DeviceMemory`] that remembers page translations; see the [module docs](self). Use one
-/// per worker pass over a queue, only while holding a request guard for every access.
+impl Range {
+    /// The guest-physical address of `[addr, addr + count)` if the range holds all of it with
+    /// `access`, under `generation`.
+    fn translate(
+        &self,
+        addr: u64,
+        count: u64,
+        access: Permissions,
+        generation: u64,
+    ) -> Option<u64> {
+        let (have, want) = (self.access as u8, access as u8);
+        let offset = addr.checked_sub(self.iova)?;
+        // `offset < len` first, so `len - offset` does not wrap.
+        (offset < self.len
+            && count <= self.len - offset
+            && have & want == want
+            && self.generation == generation)
+            .then(|| self.phys.wrapping_add(offset))
+    }
+}
+
+/// A [`DeviceMemory`] that remembers IOTLB entries; see the [module docs](self). Use one per
+/// worker pass over a queue, only while holding a request guard for every access.
 #[derive(Debug)]
 pub struct CachedMemory<'a> {
     mem: &'a DeviceMemory,
-    pages: [Cell<Page>; PAGES],
+    ranges: [Cell<Range>; RANGES],
     /// The slot that hit last (checked first), and the one to fill next (round-robin).
     last: Cell<usize>,
     next: Cell<usize>,
@@ -74,7 +91,7 @@ impl<'a> CachedMemory<'a> {
     pub fn new(mem: &'a DeviceMemory) -> Self {
         CachedMemory {
             mem,
-            pages: [const { Cell::new(EMPTY) }; PAGES],
+            ranges: [const { Cell::new(EMPTY) }; RANGES],
             last: Cell::new(0),
             next: Cell::new(0),
         }
@@ -85,57 +102,44 @@ impl<'a> CachedMemory<'a> {
         self.mem
     }
 
-    /// The guest-physical address of `[addr, addr + count)` if it lies inside one page that
-    /// is (or now becomes) remembered with `access`.
+    /// The guest-physical address of `[addr, addr + count)` if one remembered (or now
+    /// remembered) IOTLB entry holds it with `access`.
     fn translate(&self, addr: GuestAddress, count: usize, access: Permissions) -> Option<u64> {
         if !self.mem.get_iommu_enabled() || count == 0 {
             return None;
         }
-        let page = addr.0 & !(GRANULE - 1);
-        let offset = addr.0 - page;
-        // Small (ring entries, descriptors, headers, statuses: data buffers would only push
-        // those pages out) and inside one page (no overflow: offset < GRANULE, and count is
-        // checked first).
-        if count > SMALL || offset + count as u64 > GRANULE {
-            return None;
-        }
+        let (addr, count) = (addr.0, count as u64);
         let iommu = self.mem.iommu();
-        // Any invalidation since a page was remembered makes it useless.
+        // Any invalidation since an entry was remembered makes it useless.
         let generation = iommu.generation();
-        let usable =
-            |p: &Page| p.iova == page && p.generation == generation && p.access.allow(access);
         let last = self.last.get();
-        let p = self.pages[last].get();
-        if usable(&p) {
-            return Some(p.phys + offset);
+        if let Some(phys) = self.ranges[last]
+            .get()
+            .translate(addr, count, access, generation)
+        {
+            return Some(phys);
         }
-        for (i, slot) in self.pages.iter().enumerate() {
-            let p = slot.get();
-            if usable(&p) {
+        for (i, slot) in self.ranges.iter().enumerate() {
+            if let Some(phys) = slot.get().translate(addr, count, access, generation) {
                 self.last.set(i);
-                return Some(p.phys + offset);
+                return Some(phys);
             }
         }
-        // Read-write first, so that one entry serves a header read and a status write.
-        let (phys, allowed) = iommu
-            .cached_page(page, Permissions::ReadWrite)
-            .map(|p| (p, Permissions::ReadWrite))
-            .or_else(|| {
-                (access != Permissions::ReadWrite)
-                    .then(|| iommu.cached_page(page, access))
-                    .flatten()
-                    .map(|p| (p, access))
-            })?;
-        let slot = self.next.get();
-        self.pages[slot].set(Page {
-            iova: page,
-            phys,
-            access: allowed,
+        let e = iommu.cached_entry(addr)?;
+        let range = Range {
+            iova: e.iova,
+            len: e.len,
+            phys: e.phys,
+            access: e.perm,
             generation,
-        });
+        };
+        // Only if it serves this access; else (a fault, or a split) `IommuMemory` handles it.
+        let phys = range.translate(addr, count, access, generation)?;
+        let slot = self.next.get();
+        self.next.set((slot + 1) % RANGES);
+        self.ranges[slot].set(range);
         self.last.set(slot);
-        self.next.set((slot + 1) % PAGES);
-        Some(phys + offset)
+        Some(phys)
     }
 }
 

@@ -282,11 +282,48 @@ impl InFlight {
     }
 }
 
+/// An endpoint's IOTLB (`vm_memory::Iotlb`, what `IommuMemory` translates with), and the
+/// same entries as whole ranges for [`CachedMemory`], which finds one with a single B-tree
+/// search. Both change together under the endpoint's lock, and `entries` never holds a
+/// translation `iotlb` lacks: an invalidation drops every entry it touches, whole.
+#[derive(Debug, Default)]
+struct Tlb {
+    iotlb: Iotlb,
+    /// By first IOVA; never overlapping.
+    entries: BTreeMap<u64, IotlbEntry>,
+}
+
+impl Tlb {
+    /// Drops the entries overlapping `[start, end)`.
+    fn drop_overlapping(&mut self, start: u64, end: u64) {
+        // Entries do not overlap: walking down from the last one starting before `end`, the
+        // first that ends at or before `start` ends the search.
+        while let Some((&k, e)) = self.entries.range(..end).next_back() {
+            if k.saturating_add(e.len) <= start {
+                break;
+            }
+            self.entries.remove(&k);
+        }
+    }
+}
+
+/// A read lock on an endpoint's IOTLB, as `IommuMemory` wants it.
+#[derive(Debug)]
+pub struct IotlbReadGuard<'a>(RwLockReadGuard<'a, Tlb>);
+
+impl std::ops::Deref for IotlbReadGuard<'_> {
+    type Target = Iotlb;
+
+    fn deref(&self) -> &Iotlb {
+        &self.0.iotlb
+    }
+}
+
 #[derive(Debug)]
 struct EndpointInner {
     /// Endpoint ID (0 and meaningless for pass-through handles).
     id: u32,
-    iotlb: RwLock<Iotlb>,
+    iotlb: RwLock<Tlb>,
     /// Device threads' requests in flight; the device waits for them after an invalidation.
     requests: InFlight,
     /// `None`: pass-through handle, identity translation.
@@ -323,7 +360,7 @@ impl EndpointIommu {
         EndpointIommu {
             inner: Arc::new(EndpointInner {
                 id,
-                iotlb: RwLock::new(Iotlb::new()),
+                iotlb: RwLock::new(Tlb::default()),
                 requests: InFlight::default(),
                 shared,
                 generation: AtomicU64::new(0),
@@ -378,15 +415,19 @@ impl EndpointIommu {
         // with [`EndpointIommu::generation`].
         self.inner.generation.fetch_add(1, Ordering::Release);
         match ranges {
-            None => tlb.invalidate_all(),
+            None => {
+                tlb.iotlb.invalidate_all();
+                tlb.entries.clear();
+            }
             Some(ranges) => {
                 for &(iova, len) in ranges {
                     // `Iotlb` ranges end at `iova + len`, which must not overflow.
                     let len = len.min(u64::MAX - iova);
-                    tlb.invalidate_mapping(
+                    tlb.iotlb.invalidate_mapping(
                         GuestAddress(iova),
                         usize::try_from(len).unwrap_or(usize::MAX),
                     );
+                    tlb.drop_overlapping(iova, iova + len);
                 }
             }
         }
@@ -398,35 +439,35 @@ impl EndpointIommu {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// Where the IOTLB maps the whole `GRANULE`-aligned page at `page` with `access`, if it
-    /// holds it that way now, as one guest-physical range. No fill and no fault: a miss is
+    /// The IOTLB entry holding `iova`, if there is one now. No fill and no fault: a miss is
     /// left to [`Iommu::translate`].
-    pub(crate) fn cached_page(&self, page: u64, access: Permissions) -> Option<u64> {
-        // `Iotlb::lookup` computes `page + GRANULE`; it must not wrap.
-        page.checked_add(mapping::GRANULE)?;
+    pub(crate) fn cached_entry(&self, iova: u64) -> Option<IotlbEntry> {
         self.inner.lookups.fetch_add(1, Ordering::Relaxed);
         let tlb = read(&self.inner.iotlb);
-        let mut hit =
-            Iotlb::lookup(tlb, GuestAddress(page), mapping::GRANULE as usize, access).ok()?;
-        let first = hit.next()?;
-        (first.length as u64 == mapping::GRANULE).then_some(first.base.0)
+        let (&start, e) = tlb.entries.range(..=iova).next_back()?;
+        (iova - start < e.len).then_some(*e)
     }
 
-    fn fill(tlb: &mut Iotlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {
+    fn fill(tlb: &mut Tlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {
         for e in entries {
-            tlb.set_mapping(
+            tlb.iotlb.set_mapping(
                 GuestAddress(e.iova),
                 GuestAddress(e.phys),
                 usize::try_from(e.len).unwrap_or(usize::MAX),
                 e.perm,
             )?;
+            // `set_mapping` replaces what it overlaps; so does the range copy, whole entries.
+            tlb.drop_overlapping(e.iova, e.iova.saturating_add(e.len));
+            if e.len > 0 {
+                tlb.entries.insert(e.iova, *e);
+            }
         }
         Ok(())
     }
 }
 
 impl Iommu for EndpointIommu {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+    type IotlbGuard<'a> = IotlbReadGuard<'a>;
 
     fn translate(
         &self,
@@ -462,7 +503,8 @@ impl Iommu for EndpointIommu {
         }
 
         for _ in 0..MAX_FILL_ATTEMPTS {
-            if let Ok(hit) = Iotlb::lookup(read(&inner.iotlb), iova, length, access) {
+            if let Ok(hit) = Iotlb::lookup(IotlbReadGuard(read(&inner.iotlb)), iova, length, access)
+            {
                 return Ok(hit);
             }
             let Some(shared) = &inner.shared else {

@@ -1575,3 +1575,61 @@ fn cached_memory_keeps_permissions_and_page_bounds() {
     assert!(cached.read_obj::<u8>(GuestAddress(0x6000)).is_err());
     assert!(cached.read_obj::<u8>(GuestAddress(u64::MAX)).is_err());
 }
+
+#[test]
+fn cached_memory_follows_unmap_of_one_of_two_neighbours() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    h.status(&attach_req(1, 1, 0));
+    h.status(&map_req(1, 0x4000, 0x5fff, DATA, RW));
+    h.status(&map_req(1, 0x6000, 0x6fff, DATA + 0x4000, R));
+    let ep = h.ep_mem(1);
+    let cached = CachedMemory::new(&ep);
+    // A whole two-page mapping is remembered as one entry: a page-crossing access hits it.
+    cached
+        .write_obj(0x0102_0304u32, GuestAddress(0x4ffe))
+        .unwrap();
+    cached.read_obj::<u32>(GuestAddress(0x6000)).unwrap();
+    // Spanning both mappings: split by `IommuMemory`, and the read-only part refuses writes.
+    cached.read_obj::<u64>(GuestAddress(0x5ffc)).unwrap();
+    assert!(cached.write_obj(0u64, GuestAddress(0x5ffc)).is_err());
+    assert_eq!(h.dev.stats().faults, 1);
+
+    h.status(&unmap_req(1, 0x6000, 0x6fff));
+    assert!(cached.read_obj::<u32>(GuestAddress(0x6000)).is_err());
+    assert_eq!(
+        cached.read_obj::<u32>(GuestAddress(0x4ffe)).unwrap(),
+        0x0102_0304
+    );
+    assert_eq!(h.dev.stats().faults, 2);
+    h.status(&unmap_req(1, 0x4000, 0x5fff));
+    assert!(cached.read_obj::<u32>(GuestAddress(0x4ffe)).is_err());
+    assert_eq!(h.dev.stats().faults, 3);
+}
+
+#[test]
+fn range_copy_of_the_iotlb_drops_whole_entries_it_overlaps() {
+    let e = |iova, len| mapping::IotlbEntry {
+        iova,
+        phys: iova + 0x10_0000,
+        len,
+        perm: Permissions::ReadWrite,
+    };
+    let mut tlb = Tlb::default();
+    EndpointIommu::fill(
+        &mut tlb,
+        &[e(0x1000, 0x2000), e(0x3000, 0x1000), e(0x8000, 0x1000)],
+    )
+    .unwrap();
+    // Overlapping the first's tail only: the whole first goes, the second stays.
+    tlb.drop_overlapping(0x2fff, 0x3000);
+    let keys: Vec<u64> = tlb.entries.keys().copied().collect();
+    assert_eq!(keys, [0x3000, 0x8000]);
+    // A fill replaces what it overlaps.
+    EndpointIommu::fill(&mut tlb, &[e(0x3800, 0x5000)]).unwrap();
+    let keys: Vec<u64> = tlb.entries.keys().copied().collect();
+    assert_eq!(keys, [0x3800]);
+    EndpointIommu::fill(&mut tlb, &[mapping::IDENTITY]).unwrap();
+    tlb.drop_overlapping(u64::MAX - 1, u64::MAX);
+    assert!(tlb.entries.is_empty());
+}
