@@ -170,6 +170,8 @@ struct Inner {
     acked_features: AtomicU64,
     active: Mutex<Option<Arc<Active>>>,
     requests: [[AtomicU64; STATS_STATUSES]; STATS_TYPES],
+    /// The invalidation buffer of [`Inner::update_with`]; locked after the mapping state.
+    scratch: Mutex<Invalidation>,
 }
 
 /// The virtio-iommu device; see the [module docs](super).
@@ -454,6 +456,7 @@ impl VirtioIommu {
                 acked_features: AtomicU64::new(0),
                 active: Mutex::new(None),
                 requests: Default::default(),
+                scratch: Mutex::new(Invalidation::default()),
             }),
         })
     }
@@ -555,9 +558,24 @@ impl Inner {
         &self,
         op: impl FnOnce(&mut MappingState) -> (T, Invalidation),
     ) -> (T, Vec<Ticket>) {
+        self.update_with(|s, inv| {
+            let (out, i) = op(s);
+            *inv = i;
+            out
+        })
+    }
+
+    /// [`Inner::update`] with the operation writing its invalidation into a buffer the
+    /// device reuses (UNMAP: no allocation per request).
+    fn update_with<T>(
+        &self,
+        op: impl FnOnce(&mut MappingState, &mut Invalidation) -> T,
+    ) -> (T, Vec<Ticket>) {
         let registry = lock(&self.endpoints);
         let mut state = lock(&self.shared.state);
-        let (out, inv) = op(&mut state);
+        let mut inv = lock(&self.scratch);
+        inv.endpoints.clear();
+        let out = op(&mut state, &mut inv);
         let mut tickets = Vec::new();
         for h in inv.endpoints.iter().filter_map(|ep| registry.get(ep)) {
             h.invalidate(inv.ranges.as_deref());
@@ -739,7 +757,7 @@ impl Inner {
             u64::from(req.virt_start),
             u64::from(req.virt_end),
         );
-        let (r, t) = self.update(|s| split(s.unmap(domain, start, end)));
+        let (r, t) = self.update_with(|s, inv| s.unmap_into(domain, start, end, inv));
         tickets.extend(t);
         r
     }

@@ -489,6 +489,26 @@ impl MappingState {
         virt_start: u64,
         virt_end: u64,
     ) -> Result<Invalidation, ReqError> {
+        let mut inv = Invalidation::default();
+        self.unmap_into(domain, virt_start, virt_end, &mut inv)?;
+        Ok(if inv.is_empty() {
+            Invalidation::default()
+        } else {
+            inv
+        })
+    }
+
+    /// [`MappingState::unmap`], writing the invalidation into `inv` (whose buffers are
+    /// reused: no allocation per request). `inv` names no endpoint unless something was
+    /// unmapped.
+    pub fn unmap_into(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        inv: &mut Invalidation,
+    ) -> Result<(), ReqError> {
+        inv.endpoints.clear();
         if virt_end < virt_start {
             return Err(ReqError::Inval);
         }
@@ -511,7 +531,8 @@ impl MappingState {
         if splits_first || splits_last {
             return Err(ReqError::Range);
         }
-        let mut ranges = Vec::new();
+        let ranges = inv.ranges.get_or_insert_with(Vec::new);
+        ranges.clear();
         // Each removal is O(log n); no list of keys is built first.
         while let Some((&s, _)) = d.mappings.range(virt_start..=virt_end).next() {
             if let Some(m) = d.mappings.remove(&s) {
@@ -521,13 +542,11 @@ impl MappingState {
             }
         }
         if ranges.is_empty() {
-            return Ok(Invalidation::default());
+            return Ok(());
         }
         self.mapping_count -= ranges.len();
-        Ok(Invalidation {
-            endpoints: d.endpoints.iter().copied().collect(),
-            ranges: Some(ranges),
-        })
+        inv.endpoints.extend(d.endpoints.iter().copied());
+        Ok(())
     }
 
     /// Translates an access of `len` bytes at `iova` by `endpoint`: the IOTLB entries that
