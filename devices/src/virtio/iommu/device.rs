@@ -42,7 +42,7 @@ use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Le16, Le64, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -68,6 +68,8 @@ pub const EVENT_QUEUE: usize = 1;
 const QUEUE_SIZES: &[u16] = &[1024, 64];
 /// Requests (or event buffers) handled per [`QueueHandler::process_queue`] call.
 pub const REQUESTS_PER_KICK: usize = 64;
+/// Requests popped (and returned, with one notification) together.
+const CHUNK: usize = 16;
 
 /// Page sizes: 4 KiB granule, 2 MiB and 1 GiB as hints (brief F.1).
 pub const PAGE_SIZE_MASK: u64 = 0x1000 | 0x20_0000 | 0x4000_0000;
@@ -831,36 +833,68 @@ impl Inner {
         queue: &Mutex<Queue>,
         mem: &M,
     ) -> QueueProgress {
-        for _ in 0..REQUESTS_PER_KICK {
-            let chain = {
+        let mut served = 0;
+        while served < REQUESTS_PER_KICK {
+            // Pop a chunk under one lock (one read of the available index), serve it without
+            // the lock, return it under one lock with one notification.
+            let want = CHUNK.min(REQUESTS_PER_KICK - served);
+            let mut chains: [Option<DescriptorChain<&M>>; CHUNK] = std::array::from_fn(|_| None);
+            let mut popped = 0;
+            {
                 let mut q = lock(queue);
                 if !active.live.load(Ordering::SeqCst) {
                     return QueueProgress::Idle;
                 }
-                q.pop_descriptor_chain(mem)
-            };
-            let Some(chain) = chain else {
+                match q.iter(mem) {
+                    Ok(mut avail) => {
+                        for slot in chains.iter_mut().take(want) {
+                            let Some(chain) = avail.next() else { break };
+                            *slot = Some(chain);
+                            popped += 1;
+                        }
+                    }
+                    Err(e) => debug!("virtio-iommu: cannot read the request queue: {e}"),
+                }
+            }
+            if popped == 0 {
                 return QueueProgress::Idle;
-            };
-            let head = chain.head_index();
-            // Invalidations happen inside; the used buffer is published only once no request
-            // can still use the old translations.
-            let mut tickets = Vec::new();
-            let len = self.handle_request(mem, chain, &mut tickets);
-            tickets.retain(|t| !t.done());
+            }
+            served += popped;
+            let mut used = [(0u16, 0u32); CHUNK];
+            let mut n_used = 0;
+            let mut deferred = Vec::new();
+            for chain in chains.into_iter().flatten() {
+                let head = chain.head_index();
+                // Invalidations happen inside; the used buffer is published only once no
+                // request can still use the old translations.
+                let mut tickets = Vec::new();
+                let len = self.handle_request(mem, chain, &mut tickets);
+                tickets.retain(|t| !t.done());
+                if tickets.is_empty() {
+                    used[n_used] = (head, len);
+                    n_used += 1;
+                } else {
+                    deferred.push(Deferred { head, len, tickets });
+                }
+            }
             let mut q = lock(queue);
             if !active.live.load(Ordering::SeqCst) {
                 return QueueProgress::Idle;
             }
-            if !tickets.is_empty() {
-                lock(&active.deferred).push(Deferred { head, len, tickets });
-                continue;
+            if !deferred.is_empty() {
+                lock(&active.deferred).extend(deferred);
             }
-            if let Err(e) = q.add_used(mem, head, len) {
-                warn!("virtio-iommu: cannot return request {head}: {e}");
-                return QueueProgress::Idle;
+            for &(head, len) in &used[..n_used] {
+                if let Err(e) = q.add_used(mem, head, len) {
+                    warn!("virtio-iommu: cannot return request {head}: {e}");
+                    return QueueProgress::Idle;
+                }
             }
-            Self::notify(&mut q, mem, active, REQUEST_QUEUE);
+            if n_used > 0 {
+                Self::notify(&mut q, mem, active, REQUEST_QUEUE);
+            }
+            // A short chunk means the ring ran dry: the next round looks once more (the
+            // driver may have added requests meanwhile) and stops if it is still empty.
         }
         QueueProgress::More
     }
