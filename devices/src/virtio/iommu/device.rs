@@ -43,7 +43,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Le16, Le64, Permissions};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, Le16, Le64, Permissions, VolatileSlice,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mapping::{
@@ -236,8 +239,61 @@ fn readable_before_writable<M: GuestMemory>(chain: DescriptorChain<&M>) -> bool 
 }
 
 /// Memory the request path runs on: the device's [`DeviceMemory`], or the guest RAM behind it.
-trait Mem: GuestMemory<Bitmap = ()> {}
-impl<M: GuestMemory<Bitmap = ()>> Mem for M {}
+trait Mem: GuestMemory<Bitmap = ()> {
+    /// Reads `buf` at `addr`; whether it all could be.
+    fn read_bytes(&self, buf: &mut [u8], addr: GuestAddress) -> bool {
+        self.read_slice(buf, addr).is_ok()
+    }
+
+    /// Writes `buf` at `addr`; whether it all could be.
+    fn write_bytes(&self, buf: &[u8], addr: GuestAddress) -> bool {
+        self.write_slice(buf, addr).is_ok()
+    }
+
+    /// Whether `[addr, addr + len)` can be accessed with `access`.
+    fn accessible(&self, addr: GuestAddress, len: usize, access: Permissions) -> bool {
+        self.check_range(addr, len, access)
+    }
+}
+
+impl Mem for DeviceMemory {}
+
+/// Guest RAM, with the one-region case (every request of a sane driver) done straight on the
+/// region's mapping; anything else takes the general path, which also reports the error.
+impl Mem for GuestMemoryMmap {
+    fn read_bytes(&self, buf: &mut [u8], addr: GuestAddress) -> bool {
+        match in_one_region(self, addr, buf.len()) {
+            Some(slice) => slice.copy_to(buf) == buf.len(),
+            None => self.read_slice(buf, addr).is_ok(),
+        }
+    }
+
+    fn write_bytes(&self, buf: &[u8], addr: GuestAddress) -> bool {
+        match in_one_region(self, addr, buf.len()) {
+            Some(slice) => {
+                slice.copy_from(buf);
+                true
+            }
+            None => self.write_slice(buf, addr).is_ok(),
+        }
+    }
+
+    fn accessible(&self, addr: GuestAddress, len: usize, access: Permissions) -> bool {
+        in_one_region(self, addr, len).is_some()
+            || GuestMemory::check_range(self, addr, len, access)
+    }
+}
+
+/// `[addr, addr + len)` as one slice, if it lies inside one region of `mem` (bounds checked
+/// by the region).
+fn in_one_region(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_>> {
+    let (region, offset) = mem.to_region_addr(addr)?;
+    region.get_slice(offset, len).ok()
+}
 
 /// The largest request body the device knows (PROBE's).
 const BODY_MAX: usize = size_of::<VirtioIommuReqProbe>();
@@ -288,7 +344,7 @@ enum ReplySink<'a> {
 
 impl ReplySink<'_> {
     /// Writes `buf` at the start of the writable part (the caller checked it fits).
-    fn write_all<M: GuestMemory>(&mut self, mem: &M, buf: &[u8]) -> Result<(), String> {
+    fn write_all<M: Mem>(&mut self, mem: &M, buf: &[u8]) -> Result<(), String> {
         match self {
             ReplySink::Writer(w) => std::io::Write::write_all(w, buf).map_err(|e| e.to_string()),
             ReplySink::Descs { descs, n } => {
@@ -298,8 +354,9 @@ impl ReplySink<'_> {
                         break;
                     }
                     let take = (len as usize).min(buf.len() - done);
-                    mem.write_slice(&buf[done..done + take], addr)
-                        .map_err(|e| e.to_string())?;
+                    if !mem.write_bytes(&buf[done..done + take], addr) {
+                        return Err(format!("cannot write at {:#x}", addr.0));
+                    }
                     done += take;
                 }
                 if done == buf.len() {
@@ -318,7 +375,7 @@ type Parsed<'a> = (bool, Request, Option<(ReplySink<'a>, usize)>);
 
 /// Parses a chain of at most [`FAST_DESCS`] descriptors (`descs`, in chain order) with the
 /// same outcome as [`parse_general`], without allocating or walking the chain again.
-fn parse_fast<'a, M: GuestMemory>(
+fn parse_fast<'a, M: Mem>(
     mem: &'a M,
     descs: [(GuestAddress, u32, bool); FAST_DESCS],
     n: usize,
@@ -337,10 +394,10 @@ fn parse_fast<'a, M: GuestMemory>(
         }
         // What of this descriptor lands in `raw`; the rest is only checked.
         let take = raw.len().saturating_sub(total).min(len);
-        if take < len && !mem.check_range(addr, len, Permissions::Read) {
+        if take < len && !mem.accessible(addr, len, Permissions::Read) {
             readable = false;
         }
-        if take > 0 && mem.read_slice(&mut raw[total..total + take], addr).is_err() {
+        if take > 0 && !mem.read_bytes(&mut raw[total..total + take], addr) {
             readable = false;
         }
         // At most FAST_DESCS u32 lengths: no overflow.
@@ -370,7 +427,7 @@ fn parse_fast<'a, M: GuestMemory>(
     let mut writable = 0usize;
     let mut in_memory = true;
     for &(addr, len, _) in list.iter().filter(|d| d.2) {
-        if len > 0 && !mem.check_range(addr, len as usize, Permissions::Write) {
+        if len > 0 && !mem.accessible(addr, len as usize, Permissions::Write) {
             in_memory = false;
         }
         writable += len as usize;
