@@ -745,8 +745,15 @@ impl Inner {
             0
         };
         let tail_at = expected_props.min(writable - TAIL_LEN);
-        let mut buf = [0u8; PROBE_SIZE as usize + TAIL_LEN];
-        let buf = &mut buf[..tail_at + TAIL_LEN];
+        // Only PROBE replies carry more than the tail.
+        let mut tail = [0u8; TAIL_LEN];
+        let mut long = Vec::new();
+        let buf: &mut [u8] = if tail_at == 0 {
+            &mut tail
+        } else {
+            long.resize(tail_at + TAIL_LEN, 0);
+            &mut long
+        };
         let n = reply.props.len().min(tail_at);
         buf[..n].copy_from_slice(&reply.props[..n]);
         buf[tail_at] = reply.status;
