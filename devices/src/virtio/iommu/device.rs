@@ -309,8 +309,22 @@ struct Request {
     type_: Option<u8>,
     /// Readable bytes after the head.
     body_len: usize,
-    /// The body, if `body_len <= BODY_MAX` and it could be read.
-    body: Option<[u8; BODY_MAX]>,
+    /// `raw[HEAD_LEN..][..body_len]` holds the body (`body_len <= BODY_MAX`, read).
+    body_ok: bool,
+    /// Head and body as read.
+    raw: [u8; HEAD_LEN + BODY_MAX],
+}
+
+impl Request {
+    fn new() -> Self {
+        Request {
+            readable: false,
+            type_: None,
+            body_len: 0,
+            body_ok: false,
+            raw: [0; HEAD_LEN + BODY_MAX],
+        }
+    }
 }
 
 /// Reads a request body that must fill the rest of the readable part exactly.
@@ -323,22 +337,23 @@ fn read_body<T: ByteValued + Default>(req: &Request) -> Result<T, ReqError> {
         );
         return Err(ReqError::Inval);
     }
-    let Some(body) = &req.body else {
+    if !req.body_ok {
         debug!("virtio-iommu: cannot read request body");
         return Err(ReqError::DevErr);
-    };
+    }
     let mut obj = T::default();
     // `size_of::<T>() == body_len <= BODY_MAX` here.
-    obj.as_mut_slice().copy_from_slice(&body[..size_of::<T>()]);
+    obj.as_mut_slice()
+        .copy_from_slice(&req.raw[HEAD_LEN..HEAD_LEN + size_of::<T>()]);
     Ok(obj)
 }
 
+/// A short chain's descriptors: `(address, length, device-writable)`, in chain order.
+type Descs = [(GuestAddress, u32, bool)];
+
 /// Where the reply goes: the writable descriptors of a short chain, or a general writer.
 enum ReplySink<'a> {
-    Descs {
-        descs: [(GuestAddress, u32, bool); FAST_DESCS],
-        n: usize,
-    },
+    Descs(&'a Descs),
     Writer(Writer<'a>),
 }
 
@@ -347,9 +362,9 @@ impl ReplySink<'_> {
     fn write_all<M: Mem>(&mut self, mem: &M, buf: &[u8]) -> Result<(), String> {
         match self {
             ReplySink::Writer(w) => std::io::Write::write_all(w, buf).map_err(|e| e.to_string()),
-            ReplySink::Descs { descs, n } => {
+            ReplySink::Descs(descs) => {
                 let mut done = 0;
-                for &(addr, len, _) in descs[..*n].iter().filter(|d| d.2) {
+                for &(addr, len, _) in descs.iter().filter(|d| d.2) {
                     if done == buf.len() {
                         break;
                     }
@@ -369,22 +384,17 @@ impl ReplySink<'_> {
     }
 }
 
-/// A parsed chain: descriptor order, the readable part, and the writable part with its size.
-/// `None` for the sink: fewer than 4 writable bytes, or a writable descriptor not in memory.
-type Parsed<'a> = (bool, Request, Option<(ReplySink<'a>, usize)>);
+/// A parsed chain (the readable part goes into a [`Request`]): descriptor order, and the
+/// writable part with its size, `None` if it has fewer than 4 bytes or a descriptor not in
+/// memory.
+type Parsed<'a> = (bool, Option<(ReplySink<'a>, usize)>);
 
-/// Parses a chain of at most [`FAST_DESCS`] descriptors (`descs`, in chain order) with the
+/// Parses a chain of at most [`FAST_DESCS`] descriptors (`list`, in chain order) with the
 /// same outcome as [`parse_general`], without allocating or walking the chain again.
-fn parse_fast<'a, M: Mem>(
-    mem: &'a M,
-    descs: [(GuestAddress, u32, bool); FAST_DESCS],
-    n: usize,
-) -> Parsed<'a> {
-    let list = &descs[..n];
+fn parse_fast<'a, M: Mem>(mem: &M, list: &'a Descs, req: &mut Request) -> Parsed<'a> {
     // A readable descriptor after a writable one shows as a (writable, readable) neighbour pair.
     let ordered = !list.windows(2).any(|w| w[0].2 && !w[1].2);
 
-    let mut raw = [0u8; HEAD_LEN + BODY_MAX];
     let mut readable = true;
     let mut total = 0usize;
     for &(addr, len, _) in list.iter().filter(|d| !d.2) {
@@ -393,36 +403,22 @@ fn parse_fast<'a, M: Mem>(
             continue;
         }
         // What of this descriptor lands in `raw`; the rest is only checked.
-        let take = raw.len().saturating_sub(total).min(len);
+        let take = req.raw.len().saturating_sub(total).min(len);
         if take < len && !mem.accessible(addr, len, Permissions::Read) {
             readable = false;
         }
-        if take > 0 && !mem.read_bytes(&mut raw[total..total + take], addr) {
+        if take > 0 && !mem.read_bytes(&mut req.raw[total..total + take], addr) {
             readable = false;
         }
         // At most FAST_DESCS u32 lengths: no overflow.
         total += len;
     }
-    let req = if readable && total >= HEAD_LEN {
-        let body_len = total - HEAD_LEN;
-        let mut body = [0u8; BODY_MAX];
-        if body_len <= BODY_MAX {
-            body[..body_len].copy_from_slice(&raw[HEAD_LEN..HEAD_LEN + body_len]);
-        }
-        Request {
-            readable,
-            type_: Some(raw[0]),
-            body_len,
-            body: (body_len <= BODY_MAX).then_some(body),
-        }
-    } else {
-        Request {
-            readable,
-            type_: None,
-            body_len: 0,
-            body: None,
-        }
-    };
+    req.readable = readable;
+    if readable && total >= HEAD_LEN {
+        req.type_ = Some(req.raw[0]);
+        req.body_len = total - HEAD_LEN;
+        req.body_ok = req.body_len <= BODY_MAX;
+    }
 
     let mut writable = 0usize;
     let mut in_memory = true;
@@ -432,13 +428,16 @@ fn parse_fast<'a, M: Mem>(
         }
         writable += len as usize;
     }
-    let sink =
-        (in_memory && writable >= TAIL_LEN).then_some((ReplySink::Descs { descs, n }, writable));
-    (ordered, req, sink)
+    let sink = (in_memory && writable >= TAIL_LEN).then_some((ReplySink::Descs(list), writable));
+    (ordered, sink)
 }
 
 /// Parses any chain through `virtio_queue`'s `Reader` and `Writer`.
-fn parse_general<'a, M: Mem>(mem: &'a M, chain: DescriptorChain<&'a M>) -> Parsed<'a> {
+fn parse_general<'a, M: Mem>(
+    mem: &'a M,
+    chain: DescriptorChain<&'a M>,
+    req: &mut Request,
+) -> Parsed<'a> {
     let ordered = readable_before_writable(chain.clone());
     let reader = Reader::new(mem, chain.clone())
         .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
@@ -446,46 +445,27 @@ fn parse_general<'a, M: Mem>(mem: &'a M, chain: DescriptorChain<&'a M>) -> Parse
     let writer = Writer::new(mem, chain)
         .map_err(|e| debug!("virtio-iommu: unwritable request: {e}"))
         .ok();
-    let req = match reader {
-        None => Request {
-            readable: false,
-            type_: None,
-            body_len: 0,
-            body: None,
-        },
-        Some(mut r) => {
-            let head: Option<VirtioIommuReqHead> = (r.available_bytes() >= HEAD_LEN)
-                .then(|| r.read_obj().ok())
-                .flatten();
-            match head {
-                None => Request {
-                    readable: true,
-                    type_: None,
-                    body_len: 0,
-                    body: None,
-                },
-                Some(h) => {
-                    let body_len = r.available_bytes();
-                    let mut body = [0u8; BODY_MAX];
-                    let body = (body_len <= BODY_MAX)
-                        .then(|| std::io::Read::read_exact(&mut r, &mut body[..body_len]).ok())
-                        .flatten()
-                        .map(|()| body);
-                    Request {
-                        readable: true,
-                        type_: Some(h.type_),
-                        body_len,
-                        body,
-                    }
-                }
-            }
+    if let Some(mut r) = reader {
+        req.readable = true;
+        let head: Option<VirtioIommuReqHead> = (r.available_bytes() >= HEAD_LEN)
+            .then(|| r.read_obj().ok())
+            .flatten();
+        if let Some(h) = head {
+            req.type_ = Some(h.type_);
+            req.body_len = r.available_bytes();
+            req.body_ok = req.body_len <= BODY_MAX
+                && std::io::Read::read_exact(
+                    &mut r,
+                    &mut req.raw[HEAD_LEN..HEAD_LEN + req.body_len],
+                )
+                .is_ok();
         }
-    };
+    }
     let sink = writer.filter(|w| w.available_bytes() >= TAIL_LEN).map(|w| {
         let n = w.available_bytes();
         (ReplySink::Writer(w), n)
     });
-    (ordered, req, sink)
+    (ordered, sink)
 }
 
 fn type_name(type_: u8) -> &'static str {
@@ -692,10 +672,11 @@ impl Inner {
             descs[n] = (d.addr(), d.len(), d.is_write_only());
             n += 1;
         }
-        let (ordered, req, sink) = if short {
-            parse_fast(mem, descs, n)
+        let mut req = Request::new();
+        let (ordered, sink) = if short {
+            parse_fast(mem, &descs[..n], &mut req)
         } else {
-            parse_general(mem, chain)
+            parse_general(mem, chain, &mut req)
         };
         let type_ = req.type_;
 
