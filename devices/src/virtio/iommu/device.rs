@@ -254,6 +254,12 @@ trait Mem: GuestMemory<Bitmap = ()> {
     fn accessible(&self, addr: GuestAddress, len: usize, access: Permissions) -> bool {
         self.check_range(addr, len, access)
     }
+
+    /// `[addr, addr + len)` as one writable slice, if this memory can hand one out directly
+    /// (`None` says nothing: ask [`Mem::accessible`]).
+    fn write_target(&self, _addr: GuestAddress, _len: usize) -> Option<VolatileSlice<'_>> {
+        None
+    }
 }
 
 impl Mem for DeviceMemory {}
@@ -281,6 +287,10 @@ impl Mem for GuestMemoryMmap {
     fn accessible(&self, addr: GuestAddress, len: usize, access: Permissions) -> bool {
         in_one_region(self, addr, len).is_some()
             || GuestMemory::check_range(self, addr, len, access)
+    }
+
+    fn write_target(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_>> {
+        in_one_region(self, addr, len)
     }
 }
 
@@ -353,6 +363,8 @@ type Descs = [(GuestAddress, u32, bool)];
 
 /// Where the reply goes: the writable descriptors of a short chain, or a general writer.
 enum ReplySink<'a> {
+    /// The one writable descriptor, checked and ready.
+    Slice(VolatileSlice<'a>),
     Descs(&'a Descs),
     Writer(Writer<'a>),
 }
@@ -362,6 +374,13 @@ impl ReplySink<'_> {
     fn write_all<M: Mem>(&mut self, mem: &M, buf: &[u8]) -> Result<(), String> {
         match self {
             ReplySink::Writer(w) => std::io::Write::write_all(w, buf).map_err(|e| e.to_string()),
+            ReplySink::Slice(slice) => {
+                if slice.len() < buf.len() {
+                    return Err("writable part too short".into());
+                }
+                slice.copy_from(buf);
+                Ok(())
+            }
             ReplySink::Descs(descs) => {
                 let mut done = 0;
                 for &(addr, len, _) in descs.iter().filter(|d| d.2) {
@@ -391,7 +410,7 @@ type Parsed<'a> = (bool, Option<(ReplySink<'a>, usize)>);
 
 /// Parses a chain of at most [`FAST_DESCS`] descriptors (`list`, in chain order) with the
 /// same outcome as [`parse_general`], without allocating or walking the chain again.
-fn parse_fast<'a, M: Mem>(mem: &M, list: &'a Descs, req: &mut Request) -> Parsed<'a> {
+fn parse_fast<'a, M: Mem>(mem: &'a M, list: &'a Descs, req: &mut Request) -> Parsed<'a> {
     // A readable descriptor after a writable one shows as a (writable, readable) neighbour pair.
     let ordered = !list.windows(2).any(|w| w[0].2 && !w[1].2);
 
@@ -420,6 +439,15 @@ fn parse_fast<'a, M: Mem>(mem: &M, list: &'a Descs, req: &mut Request) -> Parsed
         req.body_ok = req.body_len <= BODY_MAX;
     }
 
+    // The common shape, one writable descriptor: checked once, as the slice written later.
+    let mut writables = list.iter().filter(|d| d.2);
+    if let (Some(&(addr, len, _)), None) = (writables.next(), writables.next()) {
+        if let Some(slice) = mem.write_target(addr, len as usize) {
+            let sink =
+                (len as usize >= TAIL_LEN).then_some((ReplySink::Slice(slice), len as usize));
+            return (ordered, sink);
+        }
+    }
     let mut writable = 0usize;
     let mut in_memory = true;
     for &(addr, len, _) in list.iter().filter(|d| d.2) {
