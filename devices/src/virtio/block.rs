@@ -17,7 +17,9 @@
 //! device sits behind the virtio-iommu each access is translated and permission-checked, and
 //! a fault (unmapped IOVA, write to a read-only mapping) fails that request with
 //! `VIRTIO_BLK_S_IOERR`. Data moves directly between the image and guest memory (no bounce
-//! buffer).
+//! buffer). Behind the IOMMU, one pass over the queue goes through a
+//! [`CachedMemory`], so the ring and buffer accesses of
+//! its requests reuse the IOTLB entries they found (as long as nothing was invalidated).
 //!
 //! # Bounded work, and what waits for what
 //!

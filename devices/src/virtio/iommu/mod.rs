@@ -60,11 +60,20 @@
 //!
 //! # Locks, outermost first
 //!
-//! endpoint registry (`VirtioIommu`) → mapping state → an endpoint's IOTLB → fault queue.
+//! endpoint registry (`VirtioIommu`) → mapping state → the device's invalidation buffer →
+//! an endpoint's IOTLB, then its in-flight count (an invalidation takes the ticket while
+//! still holding the state) → fault queue.
 //! A device thread takes its request guard first, then (on a miss) the mapping state and its
 //! IOTLB, never holding the IOTLB while waiting for the state, and never across I/O. The
 //! IOMMU waits for request guards (an explicit in-flight count per endpoint and a condvar,
 //! not a lock) only after releasing the registry and the state.
+//!
+//! # Cost per access
+//!
+//! A device model may wrap its `DeviceMemory` in a [`CachedMemory`] for one pass over its
+//! queue: it remembers the IOTLB entries the pass used (checked against the endpoint's
+//! invalidation generation on every access), so ring, header and buffer accesses skip
+//! `vm_memory::Iotlb`'s range-map lookup. virtio-blk does.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +83,7 @@ use vm_memory::iommu::{Error as IommuError, Iommu, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iotlb, Le32, Le64, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
-mod cached;
+pub mod cached;
 pub mod device;
 pub mod mapping;
 pub mod protocol;
