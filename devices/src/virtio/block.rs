@@ -17,7 +17,9 @@
 //! device sits behind the virtio-iommu each access is translated and permission-checked, and
 //! a fault (unmapped IOVA, write to a read-only mapping) fails that request with
 //! `VIRTIO_BLK_S_IOERR`. Data moves directly between the image and guest memory (no bounce
-//! buffer).
+//! buffer). Behind the IOMMU, one pass over the queue goes through a
+//! [`CachedMemory`], so the ring and buffer accesses of
+//! its requests reuse the IOTLB entries they found (as long as nothing was invalidated).
 //!
 //! # Bounded work, and what waits for what
 //!
@@ -49,7 +51,7 @@ use vm_memory::{
     VolatileSlice, WriteVolatile,
 };
 
-use super::iommu::RequestGuard;
+use super::iommu::{CachedMemory, RequestGuard};
 use super::{
     ActivateError, DeviceMemory, QueueHandler, QueueProgress, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
@@ -516,6 +518,26 @@ impl QueueHandler for BlockQueue {
             guest_debug!("virtio-blk: notification for missing queue {index}; ignored");
             return QueueProgress::Idle;
         };
+        if active.mem.get_iommu_enabled() {
+            // Remembers the ring and header pages' translations across this pass; every
+            // access through it happens under a request guard.
+            self.serve(&active, queue_lock, index, &CachedMemory::new(&active.mem))
+        } else {
+            self.serve(&active, queue_lock, index, &active.mem)
+        }
+    }
+}
+
+impl BlockQueue {
+    /// Serves up to [`REQUESTS_PER_KICK`] requests of queue `index`, accessing guest memory
+    /// through `mem` (`active.mem` itself, or a view of it).
+    fn serve<M: GuestMemory<Bitmap = ()>>(
+        &self,
+        active: &Active,
+        queue_lock: &Mutex<Queue>,
+        index: usize,
+        mem: &M,
+    ) -> QueueProgress {
         for _ in 0..REQUESTS_PER_KICK {
             // Held while this request uses translations, so an UNMAP cannot complete under it.
             let _request = begin_request(&active.mem);
@@ -524,14 +546,14 @@ impl QueueHandler for BlockQueue {
                 if !active.live.load(Ordering::SeqCst) {
                     return QueueProgress::Idle;
                 }
-                queue.pop_descriptor_chain(&active.mem)
+                queue.pop_descriptor_chain(mem)
             };
             let Some(chain) = chain else {
                 return QueueProgress::Idle;
             };
             let head = chain.head_index();
             let mut stats = BlockStats::default();
-            let len = process_request(&self.disk, &mut stats, &active.mem, chain);
+            let len = process_request(&self.disk, &mut stats, mem, chain);
             lock(&self.stats).add(&stats);
 
             let mut queue = lock(queue_lock);
@@ -539,7 +561,7 @@ impl QueueHandler for BlockQueue {
                 // Reset while the request ran: the ring belongs to the old driver instance.
                 return QueueProgress::Idle;
             }
-            if let Err(e) = queue.add_used(&active.mem, head, len) {
+            if let Err(e) = queue.add_used(mem, head, len) {
                 // The used ring is not writable (unmapped by the guest, say): nothing more
                 // can be completed until the driver fixes it or resets the device.
                 guest_debug!("virtio-blk: cannot return request {head} to the used ring: {e}");
@@ -547,7 +569,7 @@ impl QueueHandler for BlockQueue {
             }
             // Signalled per request: a slow request after this one does not delay it.
             // Without EVENT_IDX this honours VRING_AVAIL_F_NO_INTERRUPT only.
-            match queue.needs_notification(&active.mem) {
+            match queue.needs_notification(mem) {
                 Ok(false) => {}
                 Ok(true) => active.interrupt.signal_queue(index),
                 Err(e) => {
@@ -570,10 +592,10 @@ fn begin_request(mem: &DeviceMemory) -> RequestGuard<'_> {
 
 /// Handles one descriptor chain; returns the used length (bytes written to the chain's
 /// device-writable buffers, status byte included).
-fn process_request(
+fn process_request<M: GuestMemory<Bitmap = ()>>(
     disk: &Disk,
     stats: &mut BlockStats,
-    mem: &DeviceMemory,
+    mem: &M,
     chain: impl Iterator<Item = Descriptor>,
 ) -> u32 {
     // Keep the first MAX_DESCRIPTORS; walk the rest (bounded by the queue or indirect table
@@ -642,10 +664,10 @@ fn process_request(
 
 /// Runs one request given its header and data descriptors (the status descriptor removed).
 /// Returns the bytes written to guest buffers, or `None` for an unsupported request type.
-fn execute(
+fn execute<M: GuestMemory<Bitmap = ()>>(
     disk: &Disk,
     stats: &mut BlockStats,
-    mem: &DeviceMemory,
+    mem: &M,
     descs: &[Descriptor],
 ) -> Result<Option<u32>, RequestError> {
     let Some((header, data)) = descs.split_first() else {
@@ -709,9 +731,9 @@ enum Direction {
 /// `data`. Every buffer is checked (direction, size) and translated into a slice of guest
 /// memory before the image is touched, so a bad buffer fails the request without a partial
 /// write, and no translation lock is held during the I/O. Returns the number of bytes moved.
-fn transfer(
+fn transfer<M: GuestMemory<Bitmap = ()>>(
     disk: &Disk,
-    mem: &DeviceMemory,
+    mem: &M,
     sector: u64,
     data: &[Descriptor],
     direction: Direction,
@@ -769,7 +791,11 @@ fn transfer(
 }
 
 /// Writes the ID string to the device-writable data buffers, as much as fits in 20 bytes.
-fn get_id(disk: &Disk, mem: &DeviceMemory, data: &[Descriptor]) -> Result<u32, RequestError> {
+fn get_id<M: GuestMemory<Bitmap = ()>>(
+    disk: &Disk,
+    mem: &M,
+    data: &[Descriptor],
+) -> Result<u32, RequestError> {
     let mut written = 0usize;
     for desc in data {
         if !desc.is_write_only() {

@@ -42,8 +42,11 @@ use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, Le16, Le64};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, Le16, Le64, Permissions, VolatileSlice,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mapping::{
@@ -68,6 +71,8 @@ pub const EVENT_QUEUE: usize = 1;
 const QUEUE_SIZES: &[u16] = &[1024, 64];
 /// Requests (or event buffers) handled per [`QueueHandler::process_queue`] call.
 pub const REQUESTS_PER_KICK: usize = 64;
+/// Requests popped (and returned, with one notification) together.
+const CHUNK: usize = 16;
 
 /// Page sizes: 4 KiB granule, 2 MiB and 1 GiB as hints (brief F.1).
 pub const PAGE_SIZE_MASK: u64 = 0x1000 | 0x20_0000 | 0x4000_0000;
@@ -169,7 +174,9 @@ struct Inner {
     endpoints: Mutex<BTreeMap<u32, EndpointIommu>>,
     acked_features: AtomicU64,
     active: Mutex<Option<Arc<Active>>>,
-    requests: Mutex<[[u64; STATS_STATUSES]; STATS_TYPES]>,
+    requests: [[AtomicU64; STATS_STATUSES]; STATS_TYPES],
+    /// The invalidation buffer of [`Inner::update_with`]; locked after the mapping state.
+    scratch: Mutex<Invalidation>,
 }
 
 /// The virtio-iommu device; see the [module docs](super).
@@ -219,7 +226,7 @@ fn split(r: Result<Invalidation, ReqError>) -> (Result<(), ReqError>, Invalidati
 }
 
 /// Whether no device-readable descriptor follows a device-writable one (virtio 1.2 §2.7.4.2).
-fn readable_before_writable(chain: DescriptorChain<&DeviceMemory>) -> bool {
+fn readable_before_writable<M: GuestMemory>(chain: DescriptorChain<&M>) -> bool {
     let mut seen_writable = false;
     for desc in chain {
         if desc.is_write_only() {
@@ -231,20 +238,262 @@ fn readable_before_writable(chain: DescriptorChain<&DeviceMemory>) -> bool {
     true
 }
 
+/// Memory the request path runs on: the device's [`DeviceMemory`], or the guest RAM behind it.
+trait Mem: GuestMemory<Bitmap = ()> {
+    /// Reads `buf` at `addr`; whether it all could be.
+    fn read_bytes(&self, buf: &mut [u8], addr: GuestAddress) -> bool {
+        self.read_slice(buf, addr).is_ok()
+    }
+
+    /// Writes `buf` at `addr`; whether it all could be.
+    fn write_bytes(&self, buf: &[u8], addr: GuestAddress) -> bool {
+        self.write_slice(buf, addr).is_ok()
+    }
+
+    /// Whether `[addr, addr + len)` can be accessed with `access`.
+    fn accessible(&self, addr: GuestAddress, len: usize, access: Permissions) -> bool {
+        self.check_range(addr, len, access)
+    }
+
+    /// `[addr, addr + len)` as one writable slice, if this memory can hand one out directly
+    /// (`None` says nothing: ask [`Mem::accessible`]).
+    fn write_target(&self, _addr: GuestAddress, _len: usize) -> Option<VolatileSlice<'_>> {
+        None
+    }
+}
+
+impl Mem for DeviceMemory {}
+
+/// Guest RAM, with the one-region case (every request of a sane driver) done straight on the
+/// region's mapping; anything else takes the general path, which also reports the error.
+impl Mem for GuestMemoryMmap {
+    fn read_bytes(&self, buf: &mut [u8], addr: GuestAddress) -> bool {
+        match in_one_region(self, addr, buf.len()) {
+            Some(slice) => slice.copy_to(buf) == buf.len(),
+            None => self.read_slice(buf, addr).is_ok(),
+        }
+    }
+
+    fn write_bytes(&self, buf: &[u8], addr: GuestAddress) -> bool {
+        match in_one_region(self, addr, buf.len()) {
+            Some(slice) => {
+                slice.copy_from(buf);
+                true
+            }
+            None => self.write_slice(buf, addr).is_ok(),
+        }
+    }
+
+    fn accessible(&self, addr: GuestAddress, len: usize, access: Permissions) -> bool {
+        in_one_region(self, addr, len).is_some()
+            || GuestMemory::check_range(self, addr, len, access)
+    }
+
+    fn write_target(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_>> {
+        in_one_region(self, addr, len)
+    }
+}
+
+/// `[addr, addr + len)` as one slice, if it lies inside one region of `mem` (bounds checked
+/// by the region).
+fn in_one_region(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_>> {
+    let (region, offset) = mem.to_region_addr(addr)?;
+    region.get_slice(offset, len).ok()
+}
+
+/// The largest request body the device knows (PROBE's).
+const BODY_MAX: usize = size_of::<VirtioIommuReqProbe>();
+/// Chains of at most this many descriptors (Linux sends 2: request, tail) are parsed on the
+/// stack in one walk; longer ones take the general path (`virtio_queue::{Reader, Writer}`).
+const FAST_DESCS: usize = 4;
+
+/// The device-readable part of a request.
+struct Request {
+    /// Every readable descriptor lies in guest memory.
+    readable: bool,
+    /// The request type, if the head could be read.
+    type_: Option<u8>,
+    /// Readable bytes after the head.
+    body_len: usize,
+    /// `raw[HEAD_LEN..][..body_len]` holds the body (`body_len <= BODY_MAX`, read).
+    body_ok: bool,
+    /// Head and body as read.
+    raw: [u8; HEAD_LEN + BODY_MAX],
+}
+
+impl Request {
+    fn new() -> Self {
+        Request {
+            readable: false,
+            type_: None,
+            body_len: 0,
+            body_ok: false,
+            raw: [0; HEAD_LEN + BODY_MAX],
+        }
+    }
+}
+
 /// Reads a request body that must fill the rest of the readable part exactly.
-fn read_body<T: ByteValued>(reader: &mut Reader<'_>) -> Result<T, ReqError> {
-    if reader.available_bytes() != size_of::<T>() {
+fn read_body<T: ByteValued + Default>(req: &Request) -> Result<T, ReqError> {
+    if req.body_len != size_of::<T>() {
         debug!(
             "virtio-iommu: request body is {} bytes, expected {}",
-            reader.available_bytes(),
+            req.body_len,
             size_of::<T>()
         );
         return Err(ReqError::Inval);
     }
-    reader.read_obj::<T>().map_err(|e| {
-        debug!("virtio-iommu: cannot read request body: {e}");
-        ReqError::DevErr
-    })
+    if !req.body_ok {
+        debug!("virtio-iommu: cannot read request body");
+        return Err(ReqError::DevErr);
+    }
+    let mut obj = T::default();
+    // `size_of::<T>() == body_len <= BODY_MAX` here.
+    obj.as_mut_slice()
+        .copy_from_slice(&req.raw[HEAD_LEN..HEAD_LEN + size_of::<T>()]);
+    Ok(obj)
+}
+
+/// A short chain's descriptors: `(address, length, device-writable)`, in chain order.
+type Descs = [(GuestAddress, u32, bool)];
+
+/// Where the reply goes: the writable descriptors of a short chain, or a general writer.
+enum ReplySink<'a> {
+    /// The one writable descriptor, checked and ready.
+    Slice(VolatileSlice<'a>),
+    Descs(&'a Descs),
+    Writer(Writer<'a>),
+}
+
+impl ReplySink<'_> {
+    /// Writes `buf` at the start of the writable part (the caller checked it fits).
+    fn write_all<M: Mem>(&mut self, mem: &M, buf: &[u8]) -> Result<(), String> {
+        match self {
+            ReplySink::Writer(w) => std::io::Write::write_all(w, buf).map_err(|e| e.to_string()),
+            ReplySink::Slice(slice) => {
+                if slice.len() < buf.len() {
+                    return Err("writable part too short".into());
+                }
+                slice.copy_from(buf);
+                Ok(())
+            }
+            ReplySink::Descs(descs) => {
+                let mut done = 0;
+                for &(addr, len, _) in descs.iter().filter(|d| d.2) {
+                    if done == buf.len() {
+                        break;
+                    }
+                    let take = (len as usize).min(buf.len() - done);
+                    if !mem.write_bytes(&buf[done..done + take], addr) {
+                        return Err(format!("cannot write at {:#x}", addr.0));
+                    }
+                    done += take;
+                }
+                if done == buf.len() {
+                    Ok(())
+                } else {
+                    Err("writable part too short".into())
+                }
+            }
+        }
+    }
+}
+
+/// A parsed chain (the readable part goes into a [`Request`]): descriptor order, and the
+/// writable part with its size, `None` if it has fewer than 4 bytes or a descriptor not in
+/// memory.
+type Parsed<'a> = (bool, Option<(ReplySink<'a>, usize)>);
+
+/// Parses a chain of at most [`FAST_DESCS`] descriptors (`list`, in chain order) with the
+/// same outcome as [`parse_general`], without allocating or walking the chain again.
+fn parse_fast<'a, M: Mem>(mem: &'a M, list: &'a Descs, req: &mut Request) -> Parsed<'a> {
+    // A readable descriptor after a writable one shows as a (writable, readable) neighbour pair.
+    let ordered = !list.windows(2).any(|w| w[0].2 && !w[1].2);
+
+    let mut readable = true;
+    let mut total = 0usize;
+    for &(addr, len, _) in list.iter().filter(|d| !d.2) {
+        let len = len as usize;
+        if len == 0 {
+            continue;
+        }
+        // What of this descriptor lands in `raw`; the rest is only checked.
+        let take = req.raw.len().saturating_sub(total).min(len);
+        if take < len && !mem.accessible(addr, len, Permissions::Read) {
+            readable = false;
+        }
+        if take > 0 && !mem.read_bytes(&mut req.raw[total..total + take], addr) {
+            readable = false;
+        }
+        // At most FAST_DESCS u32 lengths: no overflow.
+        total += len;
+    }
+    req.readable = readable;
+    if readable && total >= HEAD_LEN {
+        req.type_ = Some(req.raw[0]);
+        req.body_len = total - HEAD_LEN;
+        req.body_ok = req.body_len <= BODY_MAX;
+    }
+
+    // The common shape, one writable descriptor: checked once, as the slice written later.
+    let mut writables = list.iter().filter(|d| d.2);
+    if let (Some(&(addr, len, _)), None) = (writables.next(), writables.next()) {
+        if let Some(slice) = mem.write_target(addr, len as usize) {
+            let sink =
+                (len as usize >= TAIL_LEN).then_some((ReplySink::Slice(slice), len as usize));
+            return (ordered, sink);
+        }
+    }
+    let mut writable = 0usize;
+    let mut in_memory = true;
+    for &(addr, len, _) in list.iter().filter(|d| d.2) {
+        if len > 0 && !mem.accessible(addr, len as usize, Permissions::Write) {
+            in_memory = false;
+        }
+        writable += len as usize;
+    }
+    let sink = (in_memory && writable >= TAIL_LEN).then_some((ReplySink::Descs(list), writable));
+    (ordered, sink)
+}
+
+/// Parses any chain through `virtio_queue`'s `Reader` and `Writer`.
+fn parse_general<'a, M: Mem>(
+    mem: &'a M,
+    chain: DescriptorChain<&'a M>,
+    req: &mut Request,
+) -> Parsed<'a> {
+    let ordered = readable_before_writable(chain.clone());
+    let reader = Reader::new(mem, chain.clone())
+        .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
+        .ok();
+    let writer = Writer::new(mem, chain)
+        .map_err(|e| debug!("virtio-iommu: unwritable request: {e}"))
+        .ok();
+    if let Some(mut r) = reader {
+        req.readable = true;
+        let head: Option<VirtioIommuReqHead> = (r.available_bytes() >= HEAD_LEN)
+            .then(|| r.read_obj().ok())
+            .flatten();
+        if let Some(h) = head {
+            req.type_ = Some(h.type_);
+            req.body_len = r.available_bytes();
+            req.body_ok = req.body_len <= BODY_MAX
+                && std::io::Read::read_exact(
+                    &mut r,
+                    &mut req.raw[HEAD_LEN..HEAD_LEN + req.body_len],
+                )
+                .is_ok();
+        }
+    }
+    let sink = writer.filter(|w| w.available_bytes() >= TAIL_LEN).map(|w| {
+        let n = w.available_bytes();
+        (ReplySink::Writer(w), n)
+    });
+    (ordered, sink)
 }
 
 fn type_name(type_: u8) -> &'static str {
@@ -273,7 +522,8 @@ impl VirtioIommu {
                 endpoints: Mutex::new(BTreeMap::new()),
                 acked_features: AtomicU64::new(0),
                 active: Mutex::new(None),
-                requests: Mutex::new([[0; STATS_STATUSES]; STATS_TYPES]),
+                requests: Default::default(),
+                scratch: Mutex::new(Invalidation::default()),
             }),
         })
     }
@@ -331,7 +581,10 @@ impl Inner {
         };
         let c = &self.shared.counters;
         IommuStats {
-            requests: *lock(&self.requests),
+            requests: self
+                .requests
+                .each_ref()
+                .map(|row| row.each_ref().map(|c| c.load(Ordering::Relaxed))),
             domains,
             mappings,
             iotlb_lookups: lookups,
@@ -372,21 +625,33 @@ impl Inner {
         &self,
         op: impl FnOnce(&mut MappingState) -> (T, Invalidation),
     ) -> (T, Vec<Ticket>) {
-        let (out, affected) = {
-            let registry = lock(&self.endpoints);
-            let mut state = lock(&self.shared.state);
-            let (out, inv) = op(&mut state);
-            let affected: Vec<EndpointIommu> = inv
-                .endpoints
-                .iter()
-                .filter_map(|ep| registry.get(ep).cloned())
-                .collect();
-            for h in &affected {
-                h.invalidate(inv.ranges.as_deref());
-            }
-            (out, affected)
-        };
-        (out, affected.iter().map(EndpointIommu::ticket).collect())
+        self.update_with(|s, inv| {
+            let (out, i) = op(s);
+            *inv = i;
+            out
+        })
+    }
+
+    /// [`Inner::update`] with the operation writing its invalidation into a buffer the
+    /// device reuses (UNMAP: no allocation per request).
+    fn update_with<T>(
+        &self,
+        op: impl FnOnce(&mut MappingState, &mut Invalidation) -> T,
+    ) -> (T, Vec<Ticket>) {
+        let registry = lock(&self.endpoints);
+        let mut state = lock(&self.shared.state);
+        let mut inv = lock(&self.scratch);
+        inv.endpoints.clear();
+        let out = op(&mut state, &mut inv);
+        let mut tickets = Vec::new();
+        for h in inv.endpoints.iter().filter_map(|ep| registry.get(ep)) {
+            h.invalidate(inv.ranges.as_deref());
+            // After the invalidation; requests that begin from now on see it. Taking the
+            // ticket under the state mutex is fine: nothing holds an endpoint's in-flight
+            // lock while waiting for the state.
+            tickets.extend(h.ticket());
+        }
+        (out, tickets)
     }
 
     /// [`Inner::update`], then waits (blocking) for the affected endpoints' requests.
@@ -406,57 +671,64 @@ impl Inner {
             .map(usize::from)
             .filter(|&t| t < STATS_TYPES)
             .unwrap_or(0);
-        if let Some(slot) = lock(&self.requests)
-            .get_mut(row)
-            .and_then(|r| r.get_mut(status.min(STATS_NO_STATUS)))
+        if let Some(slot) = self
+            .requests
+            .get(row)
+            .and_then(|r| r.get(status.min(STATS_NO_STATUS)))
         {
-            *slot += 1;
+            slot.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Handles one request chain; returns the used length. `tickets` gets what must finish
     /// before the used buffer may be published.
-    fn handle_request(
+    fn handle_request<M: Mem>(
         &self,
-        mem: &DeviceMemory,
-        chain: DescriptorChain<&DeviceMemory>,
+        mem: &M,
+        chain: DescriptorChain<&M>,
         tickets: &mut Vec<Ticket>,
     ) -> u32 {
-        let ordered = readable_before_writable(chain.clone());
-        let mut reader = Reader::new(mem, chain.clone())
-            .map_err(|e| debug!("virtio-iommu: unreadable request: {e}"))
-            .ok();
-        let writer = Writer::new(mem, chain)
-            .map_err(|e| debug!("virtio-iommu: unwritable request: {e}"))
-            .ok();
-        let head: Option<VirtioIommuReqHead> = reader
-            .as_mut()
-            .filter(|r| r.available_bytes() >= HEAD_LEN)
-            .and_then(|r| r.read_obj().ok());
-        let type_ = head.map(|h| h.type_);
+        // One walk: short chains (all Linux sends) are parsed from this copy.
+        let mut descs = [(GuestAddress(0), 0u32, false); FAST_DESCS];
+        let mut n = 0;
+        let mut short = true;
+        for d in chain.clone() {
+            if n == FAST_DESCS {
+                short = false;
+                break;
+            }
+            descs[n] = (d.addr(), d.len(), d.is_write_only());
+            n += 1;
+        }
+        let mut req = Request::new();
+        let (ordered, sink) = if short {
+            parse_fast(mem, &descs[..n], &mut req)
+        } else {
+            parse_general(mem, chain, &mut req)
+        };
+        let type_ = req.type_;
 
-        let Some(mut writer) = writer.filter(|w| w.available_bytes() >= TAIL_LEN) else {
+        let Some((mut sink, writable)) = sink else {
             debug!("virtio-iommu: request has no room for a tail; returned unwritten");
             self.count(type_, STATS_NO_STATUS);
             return 0;
         };
-        let writable = writer.available_bytes();
 
-        let reply = match (ordered, reader.as_mut(), type_) {
+        let reply = match (ordered, req.readable, type_) {
             (false, _, _) => {
                 debug!("virtio-iommu: readable descriptor after a writable one");
                 Reply::status(VIRTIO_IOMMU_S_DEVERR)
             }
-            (true, None, _) | (true, Some(_), None) => {
+            (true, false, _) | (true, true, None) => {
                 debug!("virtio-iommu: request head missing or unreadable");
                 Reply::status(VIRTIO_IOMMU_S_DEVERR)
             }
-            (true, Some(reader), Some(t)) => match t {
-                VIRTIO_IOMMU_T_ATTACH => self.attach(reader, tickets).into(),
-                VIRTIO_IOMMU_T_DETACH => self.detach(reader, tickets).into(),
-                VIRTIO_IOMMU_T_MAP => self.map(reader).into(),
-                VIRTIO_IOMMU_T_UNMAP => self.unmap(reader, tickets).into(),
-                VIRTIO_IOMMU_T_PROBE => self.probe(reader, writable - TAIL_LEN),
+            (true, true, Some(t)) => match t {
+                VIRTIO_IOMMU_T_ATTACH => self.attach(&req, tickets).into(),
+                VIRTIO_IOMMU_T_DETACH => self.detach(&req, tickets).into(),
+                VIRTIO_IOMMU_T_MAP => self.map(&req).into(),
+                VIRTIO_IOMMU_T_UNMAP => self.unmap(&req, tickets).into(),
+                VIRTIO_IOMMU_T_PROBE => self.probe(&req, writable - TAIL_LEN),
                 _ => {
                     debug!("virtio-iommu: unknown request type {t}; returned unwritten");
                     self.count(None, STATS_NO_STATUS);
@@ -464,7 +736,6 @@ impl Inner {
                 }
             },
         };
-
         if reply.status != VIRTIO_IOMMU_S_OK {
             let t = type_.unwrap_or(0);
             let (name, status) = (type_name(t), reply.status);
@@ -483,11 +754,19 @@ impl Inner {
             0
         };
         let tail_at = expected_props.min(writable - TAIL_LEN);
-        let mut buf = vec![0u8; tail_at + TAIL_LEN];
+        // Only PROBE replies carry more than the tail.
+        let mut tail = [0u8; TAIL_LEN];
+        let mut long = Vec::new();
+        let buf: &mut [u8] = if tail_at == 0 {
+            &mut tail
+        } else {
+            long.resize(tail_at + TAIL_LEN, 0);
+            &mut long
+        };
         let n = reply.props.len().min(tail_at);
         buf[..n].copy_from_slice(&reply.props[..n]);
         buf[tail_at] = reply.status;
-        if let Err(e) = std::io::Write::write_all(&mut writer, &buf) {
+        if let Err(e) = sink.write_all(mem, buf) {
             debug!("virtio-iommu: cannot write request reply: {e}");
             self.count(type_, STATS_NO_STATUS);
             return 0;
@@ -497,8 +776,8 @@ impl Inner {
         buf.len() as u32
     }
 
-    fn attach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
-        let req: VirtioIommuReqAttach = read_body(reader)?;
+    fn attach(&self, req: &Request, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
+        let req: VirtioIommuReqAttach = read_body(req)?;
         if req.reserved != [0; 4] {
             return Err(ReqError::Inval);
         }
@@ -513,8 +792,8 @@ impl Inner {
         r
     }
 
-    fn detach(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
-        let req: VirtioIommuReqDetach = read_body(reader)?;
+    fn detach(&self, req: &Request, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
+        let req: VirtioIommuReqDetach = read_body(req)?;
         let (domain, endpoint) = (u32::from(req.domain), u32::from(req.endpoint));
         debug!("virtio-iommu: DETACH endpoint {endpoint} from domain {domain}");
         let (r, t) = self.update(|s| split(s.detach(domain, endpoint)));
@@ -522,11 +801,11 @@ impl Inner {
         r
     }
 
-    fn map(&self, reader: &mut Reader<'_>) -> Result<(), ReqError> {
+    fn map(&self, req: &Request) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
-        let req: VirtioIommuReqMap = read_body(reader)?;
+        let req: VirtioIommuReqMap = read_body(req)?;
         let (domain, start, end, phys, flags) = (
             u32::from(req.domain),
             u64::from(req.virt_start),
@@ -538,11 +817,11 @@ impl Inner {
         lock(&self.shared.state).map(domain, start, end, phys, flags)
     }
 
-    fn unmap(&self, reader: &mut Reader<'_>, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
+    fn unmap(&self, req: &Request, tickets: &mut Vec<Ticket>) -> Result<(), ReqError> {
         if !self.negotiated(VIRTIO_IOMMU_F_MAP_UNMAP) {
             return Err(ReqError::Unsupp);
         }
-        let req: VirtioIommuReqUnmap = read_body(reader)?;
+        let req: VirtioIommuReqUnmap = read_body(req)?;
         // §5.13.6.6: the device MAY reject a non-zero `reserved` with INVAL; we do, and
         // leave the mappings alone.
         if req.reserved != [0; 4] {
@@ -553,7 +832,7 @@ impl Inner {
             u64::from(req.virt_start),
             u64::from(req.virt_end),
         );
-        let (r, t) = self.update(|s| split(s.unmap(domain, start, end)));
+        let (r, t) = self.update_with(|s, inv| s.unmap_into(domain, start, end, inv));
         tickets.extend(t);
         r
     }
@@ -561,11 +840,11 @@ impl Inner {
     /// PROBE: one RESV_MEM/MSI property for the x86 MSI doorbell window, then zeros (type
     /// NONE). Without the MSI property Linux invents an ARM-style software MSI window at
     /// 0x800_0000 (brief A.6).
-    fn probe(&self, reader: &mut Reader<'_>, props_len: usize) -> Reply {
+    fn probe(&self, req: &Request, props_len: usize) -> Reply {
         if !self.negotiated(VIRTIO_IOMMU_F_PROBE) {
             return Reply::status(VIRTIO_IOMMU_S_UNSUPP);
         }
-        let req: VirtioIommuReqProbe = match read_body(reader) {
+        let req: VirtioIommuReqProbe = match read_body(req) {
             Ok(r) => r,
             Err(e) => return Reply::status(e.status()),
         };
@@ -612,36 +891,83 @@ impl Inner {
     }
 
     fn process_requests_budget(&self, active: &Active, queue: &Mutex<Queue>) -> QueueProgress {
-        for _ in 0..REQUESTS_PER_KICK {
-            let chain = {
+        match active.mem.physical_memory() {
+            // The virtio-iommu does not sit behind an IOMMU (it does not offer
+            // ACCESS_PLATFORM): its memory is plain guest RAM, the same accesses `IommuMemory`
+            // makes with translation disabled, without its per-access wrapper.
+            Some(phys) => self.process_requests_in(active, queue, phys),
+            None => self.process_requests_in(active, queue, &active.mem),
+        }
+    }
+
+    fn process_requests_in<M: Mem>(
+        &self,
+        active: &Active,
+        queue: &Mutex<Queue>,
+        mem: &M,
+    ) -> QueueProgress {
+        let mut served = 0;
+        while served < REQUESTS_PER_KICK {
+            // Pop a chunk under one lock (one read of the available index), serve it without
+            // the lock, return it under one lock with one notification.
+            let want = CHUNK.min(REQUESTS_PER_KICK - served);
+            let mut chains: [Option<DescriptorChain<&M>>; CHUNK] = std::array::from_fn(|_| None);
+            let mut popped = 0;
+            {
                 let mut q = lock(queue);
                 if !active.live.load(Ordering::SeqCst) {
                     return QueueProgress::Idle;
                 }
-                q.pop_descriptor_chain(&active.mem)
-            };
-            let Some(chain) = chain else {
+                match q.iter(mem) {
+                    Ok(mut avail) => {
+                        for slot in chains.iter_mut().take(want) {
+                            let Some(chain) = avail.next() else { break };
+                            *slot = Some(chain);
+                            popped += 1;
+                        }
+                    }
+                    Err(e) => debug!("virtio-iommu: cannot read the request queue: {e}"),
+                }
+            }
+            if popped == 0 {
                 return QueueProgress::Idle;
-            };
-            let head = chain.head_index();
-            // Invalidations happen inside; the used buffer is published only once no request
-            // can still use the old translations.
-            let mut tickets = Vec::new();
-            let len = self.handle_request(&active.mem, chain, &mut tickets);
-            tickets.retain(|t| !t.done());
+            }
+            served += popped;
+            let mut used = [(0u16, 0u32); CHUNK];
+            let mut n_used = 0;
+            let mut deferred = Vec::new();
+            for chain in chains.into_iter().flatten() {
+                let head = chain.head_index();
+                // Invalidations happen inside; the used buffer is published only once no
+                // request can still use the old translations.
+                let mut tickets = Vec::new();
+                let len = self.handle_request(mem, chain, &mut tickets);
+                tickets.retain(|t| !t.done());
+                if tickets.is_empty() {
+                    used[n_used] = (head, len);
+                    n_used += 1;
+                } else {
+                    deferred.push(Deferred { head, len, tickets });
+                }
+            }
             let mut q = lock(queue);
             if !active.live.load(Ordering::SeqCst) {
                 return QueueProgress::Idle;
             }
-            if !tickets.is_empty() {
-                lock(&active.deferred).push(Deferred { head, len, tickets });
-                continue;
+            if !deferred.is_empty() {
+                lock(&active.deferred).extend(deferred);
             }
-            if let Err(e) = q.add_used(&active.mem, head, len) {
-                warn!("virtio-iommu: cannot return request {head}: {e}");
-                return QueueProgress::Idle;
+            for &(head, len) in &used[..n_used] {
+                if let Err(e) = q.add_used(mem, head, len) {
+                    warn!("virtio-iommu: cannot return request {head}: {e}");
+                    return QueueProgress::Idle;
+                }
             }
-            Self::notify(&mut q, active, REQUEST_QUEUE);
+            if n_used > 0 {
+                Self::notify(&mut q, mem, active, REQUEST_QUEUE);
+            }
+            // A short chunk means the ring ran dry: the next round looks once more (the
+            // driver may have added requests meanwhile) and stops if it is still empty.
         }
         QueueProgress::More
     }
@@ -671,7 +997,7 @@ impl Inner {
         }
         drop(deferred);
         if completed {
-            Self::notify(&mut q, active, REQUEST_QUEUE);
+            Self::notify(&mut q, &active.mem, active, REQUEST_QUEUE);
         }
     }
 
@@ -723,13 +1049,13 @@ impl Inner {
             completed = true;
         }
         if completed {
-            Self::notify(&mut q, active, EVENT_QUEUE);
+            Self::notify(&mut q, &active.mem, active, EVENT_QUEUE);
         }
         progress
     }
 
-    fn notify(queue: &mut Queue, active: &Active, index: usize) {
-        match queue.needs_notification(&active.mem) {
+    fn notify<M: GuestMemory>(queue: &mut Queue, mem: &M, active: &Active, index: usize) {
+        match queue.needs_notification(mem) {
             Ok(false) => {}
             Ok(true) => active.interrupt.signal_used_queue(),
             Err(e) => {

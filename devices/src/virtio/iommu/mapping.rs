@@ -489,6 +489,26 @@ impl MappingState {
         virt_start: u64,
         virt_end: u64,
     ) -> Result<Invalidation, ReqError> {
+        let mut inv = Invalidation::default();
+        self.unmap_into(domain, virt_start, virt_end, &mut inv)?;
+        Ok(if inv.is_empty() {
+            Invalidation::default()
+        } else {
+            inv
+        })
+    }
+
+    /// [`MappingState::unmap`], writing the invalidation into `inv` (whose buffers are
+    /// reused: no allocation per request). `inv` names no endpoint unless something was
+    /// unmapped.
+    pub fn unmap_into(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        inv: &mut Invalidation,
+    ) -> Result<(), ReqError> {
+        inv.endpoints.clear();
         if virt_end < virt_start {
             return Err(ReqError::Inval);
         }
@@ -498,40 +518,49 @@ impl MappingState {
         }
         // Mappings never overlap, so only two can straddle the range: the one holding
         // `virt_start` and the last one starting at or before `virt_end`.
+        let Some((&last_start, last)) = d.mappings.range(..=virt_end).next_back() else {
+            return Ok(());
+        };
+        if last_start < virt_start {
+            // Nothing starts inside the range; this one only matters if it reaches into it.
+            return if last.end >= virt_start {
+                Err(ReqError::Range)
+            } else {
+                Ok(())
+            };
+        }
         let splits_first = d
             .mappings
             .range(..virt_start)
             .next_back()
             .is_some_and(|(_, m)| m.end >= virt_start);
-        let splits_last = d
-            .mappings
-            .range(..=virt_end)
-            .next_back()
-            .is_some_and(|(_, m)| m.end > virt_end);
-        if splits_first || splits_last {
+        if splits_first || last.end > virt_end {
             return Err(ReqError::Range);
         }
-        let starts: Vec<u64> = d
-            .mappings
-            .range(virt_start..=virt_end)
-            .map(|(&s, _)| s)
-            .collect();
-        if starts.is_empty() {
-            return Ok(Invalidation::default());
-        }
-        let mut ranges = Vec::with_capacity(starts.len());
-        for s in starts {
-            if let Some(m) = d.mappings.remove(&s) {
-                // `end - s + 1` cannot overflow: MAP keeps `end` inside a 48-bit-ish input
-                // range, and saturating covers a custom full-range limit.
-                ranges.push((s, (m.end - s).saturating_add(1)));
+        let ranges = inv.ranges.get_or_insert_with(Vec::new);
+        ranges.clear();
+        if last_start == virt_start {
+            // The last mapping starting inside starts first: the only one (the common case),
+            // no further search.
+            if let Some(m) = d.mappings.remove(&last_start) {
+                ranges.push((last_start, (m.end - last_start).saturating_add(1)));
+            }
+        } else {
+            // Each removal is O(log n); no list of keys is built first.
+            while let Some((&s, _)) = d.mappings.range(virt_start..=virt_end).next() {
+                if let Some(m) = d.mappings.remove(&s) {
+                    // `end - s + 1` cannot overflow: MAP keeps `end` inside a 48-bit-ish
+                    // input range, and saturating covers a custom full-range limit.
+                    ranges.push((s, (m.end - s).saturating_add(1)));
+                }
             }
         }
+        if ranges.is_empty() {
+            return Ok(());
+        }
         self.mapping_count -= ranges.len();
-        Ok(Invalidation {
-            endpoints: d.endpoints.iter().copied().collect(),
-            ranges: Some(ranges),
-        })
+        inv.endpoints.extend(d.endpoints.iter().copied());
+        Ok(())
     }
 
     /// Translates an access of `len` bytes at `iova` by `endpoint`: the IOTLB entries that

@@ -28,7 +28,7 @@
 //! MAP needs no invalidation: a miss refills. UNMAP, DETACH, ATTACH (moving an endpoint out
 //! of bypass or out of another domain), clearing `bypass`, and device reset all restrict
 //! translations: the device drops the affected IOTLB entries while it still holds the state
-//! mutex (so no endpoint can refill a stale entry), releases the mutex, and takes a ticket on
+//! mutex (so no endpoint can refill a stale entry) and takes a ticket on
 //! each affected endpoint's in-flight requests (below). The request's used buffer is
 //! published only when those requests have finished: at once if there are none, else later
 //! (the last of them wakes the worker through the fault eventfd), while the requests queued
@@ -60,11 +60,20 @@
 //!
 //! # Locks, outermost first
 //!
-//! endpoint registry (`VirtioIommu`) → mapping state → an endpoint's IOTLB → fault queue.
+//! endpoint registry (`VirtioIommu`) → mapping state → the device's invalidation buffer →
+//! an endpoint's IOTLB, then its in-flight count (an invalidation takes the ticket while
+//! still holding the state) → fault queue.
 //! A device thread takes its request guard first, then (on a miss) the mapping state and its
 //! IOTLB, never holding the IOTLB while waiting for the state, and never across I/O. The
 //! IOMMU waits for request guards (an explicit in-flight count per endpoint and a condvar,
 //! not a lock) only after releasing the registry and the state.
+//!
+//! # Cost per access
+//!
+//! A device model may wrap its `DeviceMemory` in a [`CachedMemory`] for one pass over its
+//! queue: it remembers the IOTLB entries the pass used (checked against the endpoint's
+//! invalidation generation on every access), so ring, header and buffer accesses skip
+//! `vm_memory::Iotlb`'s range-map lookup. virtio-blk does.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +83,7 @@ use vm_memory::iommu::{Error as IommuError, Iommu, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iotlb, Le32, Le64, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod cached;
 pub mod device;
 pub mod mapping;
 pub mod protocol;
@@ -81,6 +91,7 @@ pub mod protocol;
 #[cfg(test)]
 mod tests;
 
+pub use cached::CachedMemory;
 pub use device::{IommuStats, VirtioIommu, VirtioIommuError};
 pub use mapping::{MappingLimits, MappingState};
 pub use protocol::VirtioIommuFault;
@@ -168,17 +179,21 @@ impl Drop for RequestGuard<'_> {
         let in_flight = &self.endpoint.requests;
         let mut s = lock(&in_flight.state);
         let mut last_of_waited_epoch = false;
-        if let Some(n) = s.by_epoch.get_mut(&self.epoch) {
+        if self.epoch == s.epoch {
+            // Nobody took a ticket while this request ran: nobody waits for it.
+            s.current -= 1;
+        } else if let Some(n) = s.older.get_mut(&self.epoch) {
             *n -= 1;
             if *n == 0 {
-                s.by_epoch.remove(&self.epoch);
+                s.older.remove(&self.epoch);
                 // Somebody took a ticket while this request ran (an UNMAP, say).
-                last_of_waited_epoch = self.epoch < s.epoch;
+                last_of_waited_epoch = true;
             }
         }
         drop(s);
-        in_flight.done.notify_all();
         if last_of_waited_epoch {
+            // Only the end of an older epoch can satisfy a waiter.
+            in_flight.done.notify_all();
             if let Some(shared) = &self.endpoint.shared {
                 // Wakes the IOMMU's worker, which publishes completions deferred on this.
                 if let Err(e) = shared.fault_evt.write(1) {
@@ -222,35 +237,46 @@ struct InFlight {
 #[derive(Debug, Default)]
 struct InFlightState {
     epoch: u64,
-    /// Requests still running, per start epoch (no zero counts).
-    by_epoch: BTreeMap<u64, usize>,
+    /// Requests still running that started in `epoch` (the common case: no allocation).
+    current: usize,
+    /// Requests still running that started in earlier epochs, per start epoch (no zero
+    /// counts). Only tickets move requests here.
+    older: BTreeMap<u64, usize>,
 }
 
 impl InFlight {
     fn begin(&self) -> u64 {
         let mut s = lock(&self.state);
-        let epoch = s.epoch;
-        *s.by_epoch.entry(epoch).or_default() += 1;
-        epoch
+        s.current += 1;
+        s.epoch
     }
 
-    /// Starts a new epoch; returns the last one, whose requests a waiter waits for.
-    fn ticket(&self) -> u64 {
+    /// Starts a new epoch; returns the last one, whose requests a waiter waits for. `None`
+    /// when no request is in flight: there is nothing to wait for (a request that begins
+    /// later translates after the caller's invalidation).
+    fn ticket(&self) -> Option<u64> {
         let mut s = lock(&self.state);
+        if s.current == 0 && s.older.is_empty() {
+            return None;
+        }
         let before = s.epoch;
+        if s.current > 0 {
+            let n = std::mem::take(&mut s.current);
+            s.older.insert(before, n);
+        }
         // A u64 of epochs does not wrap.
         s.epoch += 1;
-        before
+        Some(before)
     }
 
     fn done(&self, ticket: u64) -> bool {
-        lock(&self.state).by_epoch.range(..=ticket).next().is_none()
+        lock(&self.state).older.range(..=ticket).next().is_none()
     }
 
     /// Waits for every request of epoch `ticket` or earlier.
     fn wait(&self, ticket: u64) {
         let mut s = lock(&self.state);
-        while s.by_epoch.range(..=ticket).next().is_some() {
+        while s.older.range(..=ticket).next().is_some() {
             s = self
                 .done
                 .wait(s)
@@ -260,7 +286,45 @@ impl InFlight {
 
     /// Requests in flight now (for tests and diagnostics).
     fn count(&self) -> usize {
-        lock(&self.state).by_epoch.values().sum()
+        let s = lock(&self.state);
+        s.current + s.older.values().sum::<usize>()
+    }
+}
+
+/// An endpoint's IOTLB (`vm_memory::Iotlb`, what `IommuMemory` translates with), and the
+/// same entries as whole ranges for [`CachedMemory`], which finds one with a single B-tree
+/// search. Both change together under the endpoint's lock, and `entries` never holds a
+/// translation `iotlb` lacks: an invalidation drops every entry it touches, whole.
+#[derive(Debug, Default)]
+struct Tlb {
+    iotlb: Iotlb,
+    /// By first IOVA; never overlapping.
+    entries: BTreeMap<u64, IotlbEntry>,
+}
+
+impl Tlb {
+    /// Drops the entries overlapping `[start, end)`.
+    fn drop_overlapping(&mut self, start: u64, end: u64) {
+        // Entries do not overlap: walking down from the last one starting before `end`, the
+        // first that ends at or before `start` ends the search.
+        while let Some((&k, e)) = self.entries.range(..end).next_back() {
+            if k.saturating_add(e.len) <= start {
+                break;
+            }
+            self.entries.remove(&k);
+        }
+    }
+}
+
+/// A read lock on an endpoint's IOTLB, as `IommuMemory` wants it.
+#[derive(Debug)]
+pub struct IotlbReadGuard<'a>(RwLockReadGuard<'a, Tlb>);
+
+impl std::ops::Deref for IotlbReadGuard<'_> {
+    type Target = Iotlb;
+
+    fn deref(&self) -> &Iotlb {
+        &self.0.iotlb
     }
 }
 
@@ -268,11 +332,14 @@ impl InFlight {
 struct EndpointInner {
     /// Endpoint ID (0 and meaningless for pass-through handles).
     id: u32,
-    iotlb: RwLock<Iotlb>,
+    iotlb: RwLock<Tlb>,
     /// Device threads' requests in flight; the device waits for them after an invalidation.
     requests: InFlight,
     /// `None`: pass-through handle, identity translation.
     shared: Option<Arc<Shared>>,
+    /// Bumped (under the IOTLB write lock) by every invalidation: a [`CachedMemory`] drops
+    /// its page translations when it changes.
+    generation: AtomicU64,
     lookups: AtomicU64,
     fills: AtomicU64,
 }
@@ -302,9 +369,10 @@ impl EndpointIommu {
         EndpointIommu {
             inner: Arc::new(EndpointInner {
                 id,
-                iotlb: RwLock::new(Iotlb::new()),
+                iotlb: RwLock::new(Tlb::default()),
                 requests: InFlight::default(),
                 shared,
+                generation: AtomicU64::new(0),
                 lookups: AtomicU64::new(0),
                 fills: AtomicU64::new(0),
             }),
@@ -327,12 +395,13 @@ impl EndpointIommu {
     }
 
     /// Call after invalidating this endpoint's IOTLB: what to wait for before telling the
-    /// driver that the old translations are gone.
-    pub(crate) fn ticket(&self) -> Ticket {
-        Ticket {
+    /// driver that the old translations are gone (`None`: no request in flight, nothing).
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        let epoch = self.inner.requests.ticket()?;
+        Some(Ticket {
             endpoint: self.clone(),
-            epoch: self.inner.requests.ticket(),
-        }
+            epoch,
+        })
     }
 
     /// Requests of this endpoint in flight (holding a [`RequestGuard`]) right now.
@@ -351,36 +420,63 @@ impl EndpointIommu {
     /// iterators before doing I/O), so this never waits for a device's I/O.
     fn invalidate(&self, ranges: Option<&[(u64, u64)]>) {
         let mut tlb = write(&self.inner.iotlb);
+        // Before the entries go (the lock orders both for IOTLB readers); `Release` pairs
+        // with [`EndpointIommu::generation`].
+        self.inner.generation.fetch_add(1, Ordering::Release);
         match ranges {
-            None => tlb.invalidate_all(),
+            None => {
+                tlb.iotlb.invalidate_all();
+                tlb.entries.clear();
+            }
             Some(ranges) => {
                 for &(iova, len) in ranges {
                     // `Iotlb` ranges end at `iova + len`, which must not overflow.
                     let len = len.min(u64::MAX - iova);
-                    tlb.invalidate_mapping(
+                    tlb.iotlb.invalidate_mapping(
                         GuestAddress(iova),
                         usize::try_from(len).unwrap_or(usize::MAX),
                     );
+                    tlb.drop_overlapping(iova, iova + len);
                 }
             }
         }
     }
 
-    fn fill(tlb: &mut Iotlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {
+    /// The invalidation generation: read it before [`EndpointIommu::cached_page`], and trust
+    /// that page translation only while it stays the same.
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// The IOTLB entry holding `iova`, if there is one now. No fill and no fault: a miss is
+    /// left to [`Iommu::translate`].
+    pub(crate) fn cached_entry(&self, iova: u64) -> Option<IotlbEntry> {
+        self.inner.lookups.fetch_add(1, Ordering::Relaxed);
+        let tlb = read(&self.inner.iotlb);
+        let (&start, e) = tlb.entries.range(..=iova).next_back()?;
+        (iova - start < e.len).then_some(*e)
+    }
+
+    fn fill(tlb: &mut Tlb, entries: &[IotlbEntry]) -> Result<(), IommuError> {
         for e in entries {
-            tlb.set_mapping(
+            tlb.iotlb.set_mapping(
                 GuestAddress(e.iova),
                 GuestAddress(e.phys),
                 usize::try_from(e.len).unwrap_or(usize::MAX),
                 e.perm,
             )?;
+            // `set_mapping` replaces what it overlaps; so does the range copy, whole entries.
+            tlb.drop_overlapping(e.iova, e.iova.saturating_add(e.len));
+            if e.len > 0 {
+                tlb.entries.insert(e.iova, *e);
+            }
         }
         Ok(())
     }
 }
 
 impl Iommu for EndpointIommu {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+    type IotlbGuard<'a> = IotlbReadGuard<'a>;
 
     fn translate(
         &self,
@@ -416,7 +512,8 @@ impl Iommu for EndpointIommu {
         }
 
         for _ in 0..MAX_FILL_ATTEMPTS {
-            if let Ok(hit) = Iotlb::lookup(read(&inner.iotlb), iova, length, access) {
+            if let Ok(hit) = Iotlb::lookup(IotlbReadGuard(read(&inner.iotlb)), iova, length, access)
+            {
                 return Ok(hit);
             }
             let Some(shared) = &inner.shared else {

@@ -13,7 +13,9 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, Le32, Le64};
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Le32, Le64, Permissions,
+};
 
 use super::device::*;
 use super::protocol::*;
@@ -699,6 +701,29 @@ fn split_descriptors_are_reassembled() {
     assert_eq!(len, 4);
     let status: u8 = h.mem.read_obj(GuestAddress(RESP_BUF)).unwrap();
     assert_eq!(status, VIRTIO_IOMMU_S_OK);
+    assert_eq!(h.dev.stats().mappings, 1);
+}
+
+/// Four descriptors: parsed on the stack (the five above take the general path).
+#[test]
+fn short_split_chain_is_reassembled() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    let req = map_req(1, 0, 0xfff, DATA, RW);
+    h.status(&attach_req(1, 1, 0));
+    h.mem.write_slice(&req, GuestAddress(REQ_BUF)).unwrap();
+    h.mem
+        .write_slice(&[0xaa; 4], GuestAddress(RESP_BUF))
+        .unwrap();
+    let len = h.submit(&[
+        (REQ_BUF, 3, false),
+        (REQ_BUF + 3, 33, false),
+        (RESP_BUF, 1, true),
+        (RESP_BUF + 1, 3, true),
+    ]);
+    assert_eq!(len, 4);
+    let tail: [u8; 4] = h.mem.read_obj(GuestAddress(RESP_BUF)).unwrap();
+    assert_eq!(tail, [VIRTIO_IOMMU_S_OK, 0, 0, 0]);
     assert_eq!(h.dev.stats().mappings, 1);
 }
 
@@ -1482,4 +1507,129 @@ fn block_dma_to_unmapped_or_read_only_iova_fails_and_reports_fault() {
         ]
     );
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn cached_memory_forgets_a_page_when_it_is_unmapped() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    h.status(&attach_req(1, 1, 0));
+    h.status(&map_req(1, 0x4000, 0x4fff, DATA, RW));
+    let ep = h.ep_mem(1);
+    let cached = CachedMemory::new(&ep);
+    // The first access fills the IOTLB; later ones hit the remembered page.
+    cached.write_obj(7u32, GuestAddress(0x4010)).unwrap();
+    assert_eq!(cached.read_obj::<u32>(GuestAddress(0x4010)).unwrap(), 7);
+    assert_eq!(cached.read_obj::<u32>(GuestAddress(0x4ffc)).unwrap(), 0);
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+    assert_eq!(h.dev.stats().faults, 0);
+
+    h.status(&unmap_req(1, 0x4000, 0x4fff));
+    assert!(cached.read_obj::<u32>(GuestAddress(0x4010)).is_err());
+    assert!(cached.write_obj(8u32, GuestAddress(0x4010)).is_err());
+    assert!(!cached.check_range(GuestAddress(0x4010), 4, Permissions::Read));
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+    assert_eq!(h.dev.stats().faults, 3);
+
+    // Mapped again elsewhere: the new translation, never the old one.
+    h.status(&map_req(1, 0x4000, 0x4fff, DATA + 0x1000, RW));
+    cached.write_obj(9u32, GuestAddress(0x4010)).unwrap();
+    assert_eq!(
+        h.mem.read_obj::<u32>(GuestAddress(DATA + 0x1010)).unwrap(),
+        9
+    );
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 7);
+}
+
+#[test]
+fn cached_memory_keeps_permissions_and_page_bounds() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    h.status(&attach_req(1, 1, 0));
+    h.status(&map_req(1, 0x4000, 0x4fff, DATA, R));
+    h.status(&map_req(1, 0x5000, 0x5fff, DATA + 0x3000, RW));
+    let ep = h.ep_mem(1);
+    let cached = CachedMemory::new(&ep);
+    for _ in 0..2 {
+        assert!(cached.read_obj::<u32>(GuestAddress(0x4010)).is_ok());
+        assert!(cached.write_obj(7u32, GuestAddress(0x4010)).is_err());
+        assert!(!cached.check_range(GuestAddress(0x4010), 4, Permissions::Write));
+    }
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x10)).unwrap(), 0);
+    assert_eq!(h.dev.stats().faults, 4);
+    // Across the page boundary into a mapping elsewhere: split like `IommuMemory` does.
+    cached.read_obj::<u32>(GuestAddress(0x5000)).unwrap();
+    cached
+        .write_slice(&[1, 2, 3, 4], GuestAddress(0x4ffe))
+        .unwrap_err();
+    cached
+        .write_slice(&[1, 2, 3, 4], GuestAddress(0x5ffe))
+        .unwrap_err();
+    cached.write_slice(&[1, 2], GuestAddress(0x5ffe)).unwrap();
+    let mut a = [0u8; 2];
+    h.mem
+        .read_slice(&mut a, GuestAddress(DATA + 0x3ffe))
+        .unwrap();
+    assert_eq!(a, [1, 2]);
+    // Outside every mapping.
+    assert!(cached.read_obj::<u8>(GuestAddress(0x6000)).is_err());
+    assert!(cached.read_obj::<u8>(GuestAddress(u64::MAX)).is_err());
+}
+
+#[test]
+fn cached_memory_follows_unmap_of_one_of_two_neighbours() {
+    let mem = guest();
+    let mut h = Harness::new(&mem);
+    h.status(&attach_req(1, 1, 0));
+    h.status(&map_req(1, 0x4000, 0x5fff, DATA, RW));
+    h.status(&map_req(1, 0x6000, 0x6fff, DATA + 0x4000, R));
+    let ep = h.ep_mem(1);
+    let cached = CachedMemory::new(&ep);
+    // A whole two-page mapping is remembered as one entry: a page-crossing access hits it.
+    cached
+        .write_obj(0x0102_0304u32, GuestAddress(0x4ffe))
+        .unwrap();
+    cached.read_obj::<u32>(GuestAddress(0x6000)).unwrap();
+    // Spanning both mappings: split by `IommuMemory`, and the read-only part refuses writes.
+    cached.read_obj::<u64>(GuestAddress(0x5ffc)).unwrap();
+    assert!(cached.write_obj(0u64, GuestAddress(0x5ffc)).is_err());
+    assert_eq!(h.dev.stats().faults, 1);
+
+    h.status(&unmap_req(1, 0x6000, 0x6fff));
+    assert!(cached.read_obj::<u32>(GuestAddress(0x6000)).is_err());
+    assert_eq!(
+        cached.read_obj::<u32>(GuestAddress(0x4ffe)).unwrap(),
+        0x0102_0304
+    );
+    assert_eq!(h.dev.stats().faults, 2);
+    h.status(&unmap_req(1, 0x4000, 0x5fff));
+    assert!(cached.read_obj::<u32>(GuestAddress(0x4ffe)).is_err());
+    assert_eq!(h.dev.stats().faults, 3);
+}
+
+#[test]
+fn range_copy_of_the_iotlb_drops_whole_entries_it_overlaps() {
+    let e = |iova, len| mapping::IotlbEntry {
+        iova,
+        phys: iova + 0x10_0000,
+        len,
+        perm: Permissions::ReadWrite,
+    };
+    let mut tlb = Tlb::default();
+    EndpointIommu::fill(
+        &mut tlb,
+        &[e(0x1000, 0x2000), e(0x3000, 0x1000), e(0x8000, 0x1000)],
+    )
+    .unwrap();
+    // Overlapping the first's tail only: the whole first goes, the second stays.
+    tlb.drop_overlapping(0x2fff, 0x3000);
+    let keys: Vec<u64> = tlb.entries.keys().copied().collect();
+    assert_eq!(keys, [0x3000, 0x8000]);
+    // A fill replaces what it overlaps.
+    EndpointIommu::fill(&mut tlb, &[e(0x3800, 0x5000)]).unwrap();
+    let keys: Vec<u64> = tlb.entries.keys().copied().collect();
+    assert_eq!(keys, [0x3800]);
+    EndpointIommu::fill(&mut tlb, &[mapping::IDENTITY]).unwrap();
+    tlb.drop_overlapping(u64::MAX - 1, u64::MAX);
+    assert!(tlb.entries.is_empty());
 }
