@@ -4,6 +4,8 @@
 #   scripts/fuzz.sh [SECONDS]      run every target for SECONDS each (default 60), one at a
 #                                  time at nice 19, and print: target, execs, execs/s,
 #                                  coverage (edges / features), corpus, crashes, timeouts
+#   scripts/fuzz.sh --runs N       run every target for exactly N executions (libFuzzer -runs),
+#                                  however long that takes; the table adds wall seconds
 #   scripts/fuzz.sh --replay       replay the committed corpora (fuzz/corpus, fuzz/regressions)
 #                                  through every target as a plain `cargo test` (no libFuzzer,
 #                                  no cargo-fuzz needed; what CI runs)
@@ -37,6 +39,11 @@ if [[ "${1:-}" == "--replay" ]]; then
 fi
 
 secs="${1:-60}"
+limit=(-max_total_time="$secs")
+if [[ "$secs" == "--runs" ]]; then
+    [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: --runs needs a number of executions" >&2; exit 2; }
+    limit=(-runs="$2")
+fi
 targets="${FUZZ_TARGETS:-$(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^vmm-fuzz$')}"
 command -v cargo-fuzz >/dev/null || { echo "fuzz.sh: needs cargo-fuzz (cargo install cargo-fuzz)" >&2; exit 1; }
 
@@ -75,16 +82,18 @@ for t in $targets; do
     before_crash=$(find "artifacts/$t" -name 'crash-*' | wc -l)
     before_timeout=$(find "artifacts/$t" -name 'timeout-*' -o -name 'oom-*' | wc -l)
     log="logs/$t.log"
-    echo "fuzz.sh: $t for ${secs}s" >&2
+    echo "fuzz.sh: $t (${limit[*]})" >&2
     max_len="${FUZZ_MAX_LEN:-$(max_len_of "$t")}"
     child_cpu
     cpu0=$cpu_now
+    wall0=$SECONDS
     set +e
     nice -n 19 cargo fuzz run "${build_flags[@]}" "$t" "work/$t" "corpus/$t" -- \
-        -max_total_time="$secs" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
+        "${limit[@]}" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e
+    wall=$((SECONDS - wall0))
     child_cpu
     cpu=$(awk -v a="$cpu0" -v b="$cpu_now" 'BEGIN { printf "%.2f", b - a }')
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -99,7 +108,7 @@ for t in $targets; do
         crashes="? (rc $rc, see fuzz/$log)"
     fi
     cpu_rate=$(awk -v e="${execs:-0}" -v c="$cpu" 'BEGIN { if (c > 0) printf "%d", e / c; else print "?" }')
-    rows+=("$(printf '%-14s %12s %9s %11s %7s %7s %8s %6s %8s %s' "$t" "${execs:-?}" "${rate:-?}" "$cpu_rate" "$max_len" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$crashes" "$timeouts")")
+    rows+=("$(printf '%-14s %12s %7s %9s %11s %7s %7s %8s %6s %8s %s' "$t" "${execs:-?}" "$wall" "${rate:-?}" "$cpu_rate" "$max_len" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$crashes" "$timeouts")")
 done
-printf '%-14s %12s %9s %11s %7s %7s %8s %6s %8s %s\n' target execs execs/s execs/cpu-s max_len edges features corpus crashes timeouts
+printf '%-14s %12s %7s %9s %11s %7s %7s %8s %6s %8s %s\n' target execs secs execs/s execs/cpu-s max_len edges features corpus crashes timeouts
 printf '%s\n' "${rows[@]}"
