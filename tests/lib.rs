@@ -52,6 +52,8 @@ pub struct GuestImage {
     pub bzimage: PathBuf,
     /// Uncompressed initramfs whose /init is the guest agent.
     pub initramfs: PathBuf,
+    /// The same files as an ext4 image, for `root=/dev/vda` boots without an initramfs.
+    pub rootfs: PathBuf,
     /// Extra guest command line this host needs (empty on a real KVM host).
     pub host_cmdline: String,
 }
@@ -98,6 +100,7 @@ pub fn guest_image() -> GuestImage {
         vmlinux: dir.join("vmlinux"),
         bzimage: dir.join("bzImage"),
         initramfs: dir.join("initramfs.cpio"),
+        rootfs: dir.join("rootfs.ext4"),
         host_cmdline,
     }
 }

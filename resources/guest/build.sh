@@ -3,13 +3,14 @@
 #   vmlinux + bzImage   Debian's linux-source-6.12, tinyconfig + kernel.config + patches/*.patch
 #   initramfs.cpio      uncompressed newc: /init = tests/guest-agent (static), /bin/busybox
 #                       (busybox-static), /usr/bin/fio (static, from Debian's fio source package)
+#   rootfs.ext4         the same files as a 32 MiB ext4 image (mke2fs -d), for root=/dev/vda
 #
 # Usage: resources/guest/build.sh              build if needed; last stdout line = output dir
 #        resources/guest/build.sh --print-dir  print the output dir without building
 #                                              (exit 1 if it is not built yet)
 #
 # Outputs: ${XDG_CACHE_HOME:-$HOME/.cache}/vmm-guest/<hash>/ with exactly vmlinux, bzImage,
-# initramfs.cpio, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
+# initramfs.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
 # Kernel, fio and agent are cached separately (kernel-<key>/, fio-<key>/, agent-<key>/) under
 # keys of their own inputs, so changing the agent does not rebuild the kernel. Everything is
 # built in a .tmp-* dir and renamed into place, so a half-built artifact never looks finished.
@@ -192,20 +193,41 @@ build_agent() { # OUTDIR
 }
 
 # ---------------------------------------------------------------------------------------------
-build_initramfs() { # OUT.cpio KERNEL_DIR FIO_DIR AGENT_DIR
-    local stage=$WORK/.tmp-initramfs.$$ busybox a
+# stage_root DIR FIO_DIR AGENT_DIR: the guest's root filesystem contents (initramfs and rootfs).
+stage_root() {
+    local stage=$1 busybox a
     rm -rf "$stage"
     mkdir -p "$stage"/{bin,usr/bin,proc,sys,dev,tmp,mnt}
     chmod 1777 "$stage/tmp"
     busybox=$(dpkg-query -L busybox-static | grep -E '/busybox$' | head -n 1)
-    install -m 0755 "$4/init" "$stage/init"
+    install -m 0755 "$3/init" "$stage/init"
     install -m 0755 "$busybox" "$stage/bin/busybox"
-    install -m 0755 "$3/fio" "$stage/usr/bin/fio"
+    install -m 0755 "$2/fio" "$stage/usr/bin/fio"
     for a in "${BUSYBOX_APPLETS[@]}"; do ln -s busybox "$stage/bin/$a"; done
-    # /dev/console comes from the kernel's built-in initramfs (usr/default_cpio_list).
     find "$stage" -exec touch -h -d @0 {} +
+}
+
+build_initramfs() { # OUT.cpio KERNEL_DIR FIO_DIR AGENT_DIR
+    local stage=$WORK/.tmp-initramfs.$$
+    stage_root "$stage" "$3" "$4"
+    # /dev/console comes from the kernel's built-in initramfs (usr/default_cpio_list).
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
         cpio --quiet -o -H newc --reproducible -R 0:0) >"$1"
+    rm -rf "$stage"
+}
+
+# build_rootfs OUT.ext4 FIO_DIR AGENT_DIR: the same contents as an ext4 image, for booting with
+# root=/dev/vda and no initramfs (the way CI users boot a prebuilt root filesystem). No device
+# nodes: init's console is opened before the root is mounted, and the kernel mounts devtmpfs on
+# /dev (DEVTMPFS_MOUNT) itself. No root needed to build it.
+build_rootfs() {
+    local stage=$WORK/.tmp-rootfs.$$
+    stage_root "$stage" "$2" "$3"
+    # Fixed UUID, hash seed and time: the same inputs give the same bytes.
+    E2FSPROGS_FAKE_TIME=1 run_logged "$LOGS/rootfs.log" mke2fs -q -F -t ext4 -d "$stage" \
+        -L guestroot -U 5c0ffee0-0000-4000-8000-000000000001 \
+        -E root_owner=0:0,hash_seed=5c0ffee0-0000-4000-8000-000000000002 \
+        -b 4096 "$1" 32M
     rm -rf "$stage"
 }
 
@@ -333,6 +355,7 @@ main() {
     mkdir -p "$tmp"
     cp "$k/vmlinux" "$k/bzImage" "$k/kernel.config" "$tmp/"
     build_initramfs "$tmp/initramfs.cpio" "$k" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
+    build_rootfs "$tmp/rootfs.ext4" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
     echo "$CMDLINE_PVM" >"$tmp/cmdline-pvm.txt"
     write_versions >"$tmp/versions.txt"
     compute_keys
