@@ -408,6 +408,96 @@ fn pci_msix_disk_with_iommu_and_vfio() {
     assert!(out.fact("vfio.driver").ends_with("vfio-pci"));
 }
 
+/// Issue 12: paravirtual interrupt remapping (`--iommu=dma,pvremap`, docs/pv-irq-remap.md)
+/// with the guest driver of resources/guest/patches/0002, 2 vCPUs, a virtio-mmio disk (an
+/// IOAPIC pin) and a virtio-pci disk (MSI-X). The guest finds the PVIR table and no DMAR,
+/// enables PV-IR in x2APIC mode, puts the IOAPIC and the PCI function's MSI-X on it; moving
+/// the disk's interrupt to the other CPU is one request (one exit to the PV-IR page), one
+/// route rebuilt and no IOAPIC or PCI-BAR access; fio on both disks makes no request and
+/// rebuilds nothing; guest VFIO accepts the PCI function without `allow_unsafe_interrupts`.
+#[test]
+fn pv_interrupt_remapping_mmio_and_pci_disks() {
+    let image = guest_image();
+    let (mmio_disk, pci_disk) = (disk_image(64), disk_image(64));
+    let tables = temp_path("tables-pvir");
+    let mut run = GuestRun::new(
+        &image,
+        &image.vmlinux,
+        "interrupts,kmsg,iommu-groups,irq-affinity,disk,fio,vfio",
+    );
+    run.cpus = 2;
+    run.cmdline
+        .push("guest.kmsg_grep=PV-IR|DMAR|x2apic|remapping|IR-|vfio|iommu".into());
+    run.cmdline.push(FIO_BOTH.into());
+    run.args = vec![
+        "-v".into(),
+        "--iommu=dma,pvremap".into(),
+        "--disk".into(),
+        mmio_disk.to_str().unwrap().into(),
+        "--disk".into(),
+        format!("{},transport=pci,queues=2", pci_disk.to_str().unwrap()),
+        "--dump-tables".into(),
+        tables.to_str().unwrap().into(),
+    ];
+    let out = run.run();
+    println!(
+        "BOOT_TIME vmlinux/pvh 2 vCPUs --iommu=dma,pvremap mmio+pci disks: {}",
+        out.timing()
+    );
+    for l in out.kmsg.iter().filter(|l| l.contains("PV-IR") || l.contains("x2apic")) {
+        println!("PVIR_BRINGUP {l}");
+    }
+    out.assert_clean_poweroff();
+    decompile_tables(&tables, &["DSDT", "APIC", "VIOT", "MCFG", "PVIR"]);
+    assert!(!tables.join("DMAR.dat").exists(), "a DMAR next to PVIR");
+
+    assert!(
+        out.kmsg_has("PV-IR: Enabled IRQ remapping in x2apic mode"),
+        "PV-IR not enabled\n{}",
+        out.transcript()
+    );
+    assert!(!out.kmsg_has("DMAR"), "the guest saw a DMAR\n{}", out.transcript());
+    assert_remapped_interrupts(&out, "IR-IO-APIC", &["ttyS0", "virtio1"]);
+    assert_remapped_interrupts(&out, "IR-PCI-MSIX", &["req.0", "req.1"]);
+    assert_disk_written(&out, &mmio_disk);
+
+    // One affinity change of the virtio-mmio disk's pin.
+    out.assert_check("irq-affinity");
+    let phase = |c: &str| out.during("irq-affinity", c);
+    let (page, rebuilt, updates) = (
+        phase("mmio_exits.pvir"),
+        phase("routes_rebuilt"),
+        phase("routing_updates"),
+    );
+    let (ioapic, pci) = (phase("mmio_exits.ioapic"), phase("mmio_exits.pci-disk1"));
+    println!(
+        "PVIR_AFFINITY page_exits={page} routes_rebuilt={rebuilt} routing_updates={updates} ioapic_exits={ioapic} pci_bar_exits={pci} effective={}",
+        out.fact("irq-affinity.effective")
+    );
+    assert_eq!(page, 1, "an affinity change must be exactly one PV-IR request");
+    assert_eq!(rebuilt, 1, "an affinity change must rebuild exactly its route");
+    assert_eq!(updates, 1, "one KVM_SET_GSI_ROUTING per request");
+    assert_eq!(ioapic, 0, "the IOAPIC entry was rewritten");
+    assert_eq!(pci, 0, "the PCI function was touched");
+
+    // The data plane: nothing reaches the remapper.
+    out.assert_check("fio");
+    let (fio_page, fio_rebuilt) = (out.during("fio", "mmio_exits.pvir"), out.during("fio", "routes_rebuilt"));
+    let (pci_reqs, pci_exits) = (out.during("fio", "disk1.requests"), out.during("fio", "mmio_exits.pci-disk1"));
+    println!("PVIR_FIO page_exits={fio_page} routes_rebuilt={fio_rebuilt} pci_requests={pci_reqs} pci_exits={pci_exits}");
+    assert_eq!(fio_page, 0, "PV-IR requests during fio");
+    assert_eq!(fio_rebuilt, 0, "routes rebuilt during fio");
+    assert!(pci_reqs > 0, "fio did no I/O on the PCI disk");
+    assert_eq!(pci_exits, 0, "the PCI disk's I/O reached the VMM");
+    assert_eq!(out.stat("/interrupts/signal_msi"), 0);
+    assert_eq!(out.stat("/irqs_blocked"), 0);
+
+    // Guest VFIO: the PCI function's MSIs are isolated by the VMM's source binding.
+    out.assert_check("vfio");
+    assert_eq!(out.fact("vfio.allow_unsafe_interrupts"), "N");
+    assert_eq!(out.fact("vfio.set_iommu"), "ok");
+}
+
 /// The bzImage path (64-bit boot protocol, gzip decompressor run by the guest), with a disk
 /// and no `--iommu`: the disk works on guest-physical addresses and no IOMMU appears.
 #[test]
@@ -439,6 +529,48 @@ fn bzimage_without_iommu_disk() {
         .unwrap()
         .is_null());
     assert!(out.stat("/disks/0/writes") > 0);
+}
+
+/// A prebuilt root filesystem, the way CI users boot (issue 10): the recipe's ext4 image (the
+/// initramfs's files, `mke2fs -d`) is the virtio-mmio disk behind the virtio-iommu, the kernel
+/// mounts it as `/` (`root=/dev/vda`, no initramfs) and runs the agent from it; fio reads and
+/// writes a file on it, so the root filesystem's DMA goes through the IOMMU.
+#[test]
+fn ext4_root_disk_behind_iommu() {
+    let image = guest_image();
+    let root = temp_path("rootfs.ext4");
+    std::fs::copy(&image.rootfs, &root).expect("copy the rootfs image");
+    let mut run = GuestRun::new(&image, &image.vmlinux, "cpus,kmsg,iommu-groups,fio");
+    run.initrd = None;
+    run.cmdline.extend([
+        "root=/dev/vda".into(),
+        "rootfstype=ext4".into(),
+        "rw".into(),
+        "init=/init".into(),
+        "guest.kmsg_grep=EXT4-fs|VFS|iommu|vda".into(),
+        "guest.fio=--name=rootfile+--filename=/fio.dat+--size=8m+--rw=randrw+--bs=4k+--direct=1+--ioengine=libaio+--iodepth=8+--runtime=3+--time_based+--output-format=terse".into(),
+    ]);
+    run.args = vec![
+        "--iommu=dma".into(),
+        "--disk".into(),
+        root.to_str().unwrap().into(),
+    ];
+    let out = run.run();
+    println!("BOOT_TIME vmlinux/pvh ext4 root on --iommu=dma disk: {}", out.timing());
+    out.assert_clean_poweroff();
+    assert!(
+        out.kmsg_has("VFS: Mounted root (ext4 filesystem)"),
+        "the ext4 image is not the root\n{}",
+        out.transcript()
+    );
+    assert!(out.kmsg_has("EXT4-fs (vda): mounted filesystem"));
+    assert_iommu_translated(&out);
+    out.assert_check("fio");
+    let (reads, writes) = (out.during("fio", "disk0.requests"), out.stat("/disks/0/writes"));
+    let (map, unmap) = (out.during("fio", "iommu.map"), out.during("fio", "iommu.unmap"));
+    println!("ROOTFS_FIO requests={reads} writes_total={writes} map={map} unmap={unmap}");
+    assert!(reads > 0 && writes > 0, "fio did no I/O on the root disk");
+    assert!(map > 0, "the root disk's fio I/O was not mapped through the IOMMU");
 }
 
 /// Kernel log lines the device-tree test wants to see (`kmsg` check).
