@@ -444,7 +444,11 @@ fn pv_interrupt_remapping_mmio_and_pci_disks() {
         "BOOT_TIME vmlinux/pvh 2 vCPUs --iommu=dma,pvremap mmio+pci disks: {}",
         out.timing()
     );
-    for l in out.kmsg.iter().filter(|l| l.contains("PV-IR") || l.contains("x2apic")) {
+    for l in out
+        .kmsg
+        .iter()
+        .filter(|l| l.contains("PV-IR") || l.contains("x2apic"))
+    {
         println!("PVIR_BRINGUP {l}");
     }
     out.assert_clean_poweroff();
@@ -456,7 +460,11 @@ fn pv_interrupt_remapping_mmio_and_pci_disks() {
         "PV-IR not enabled\n{}",
         out.transcript()
     );
-    assert!(!out.kmsg_has("DMAR"), "the guest saw a DMAR\n{}", out.transcript());
+    assert!(
+        !out.kmsg_has("DMAR"),
+        "the guest saw a DMAR\n{}",
+        out.transcript()
+    );
     assert_remapped_interrupts(&out, "IR-IO-APIC", &["ttyS0", "virtio1"]);
     assert_remapped_interrupts(&out, "IR-PCI-MSIX", &["req.0", "req.1"]);
     assert_disk_written(&out, &mmio_disk);
@@ -474,16 +482,28 @@ fn pv_interrupt_remapping_mmio_and_pci_disks() {
         "PVIR_AFFINITY page_exits={page} routes_rebuilt={rebuilt} routing_updates={updates} ioapic_exits={ioapic} pci_bar_exits={pci} effective={}",
         out.fact("irq-affinity.effective")
     );
-    assert_eq!(page, 1, "an affinity change must be exactly one PV-IR request");
-    assert_eq!(rebuilt, 1, "an affinity change must rebuild exactly its route");
+    assert_eq!(
+        page, 1,
+        "an affinity change must be exactly one PV-IR request"
+    );
+    assert_eq!(
+        rebuilt, 1,
+        "an affinity change must rebuild exactly its route"
+    );
     assert_eq!(updates, 1, "one KVM_SET_GSI_ROUTING per request");
     assert_eq!(ioapic, 0, "the IOAPIC entry was rewritten");
     assert_eq!(pci, 0, "the PCI function was touched");
 
     // The data plane: nothing reaches the remapper.
     out.assert_check("fio");
-    let (fio_page, fio_rebuilt) = (out.during("fio", "mmio_exits.pvir"), out.during("fio", "routes_rebuilt"));
-    let (pci_reqs, pci_exits) = (out.during("fio", "disk1.requests"), out.during("fio", "mmio_exits.pci-disk1"));
+    let (fio_page, fio_rebuilt) = (
+        out.during("fio", "mmio_exits.pvir"),
+        out.during("fio", "routes_rebuilt"),
+    );
+    let (pci_reqs, pci_exits) = (
+        out.during("fio", "disk1.requests"),
+        out.during("fio", "mmio_exits.pci-disk1"),
+    );
     println!("PVIR_FIO page_exits={fio_page} routes_rebuilt={fio_rebuilt} pci_requests={pci_reqs} pci_exits={pci_exits}");
     assert_eq!(fio_page, 0, "PV-IR requests during fio");
     assert_eq!(fio_rebuilt, 0, "routes rebuilt during fio");
@@ -556,7 +576,10 @@ fn ext4_root_disk_behind_iommu() {
         root.to_str().unwrap().into(),
     ];
     let out = run.run();
-    println!("BOOT_TIME vmlinux/pvh ext4 root on --iommu=dma disk: {}", out.timing());
+    println!(
+        "BOOT_TIME vmlinux/pvh ext4 root on --iommu=dma disk: {}",
+        out.timing()
+    );
     out.assert_clean_poweroff();
     assert!(
         out.kmsg_has("VFS: Mounted root (ext4 filesystem)"),
@@ -566,11 +589,20 @@ fn ext4_root_disk_behind_iommu() {
     assert!(out.kmsg_has("EXT4-fs (vda): mounted filesystem"));
     assert_iommu_translated(&out);
     out.assert_check("fio");
-    let (reads, writes) = (out.during("fio", "disk0.requests"), out.stat("/disks/0/writes"));
-    let (map, unmap) = (out.during("fio", "iommu.map"), out.during("fio", "iommu.unmap"));
+    let (reads, writes) = (
+        out.during("fio", "disk0.requests"),
+        out.stat("/disks/0/writes"),
+    );
+    let (map, unmap) = (
+        out.during("fio", "iommu.map"),
+        out.during("fio", "iommu.unmap"),
+    );
     println!("ROOTFS_FIO requests={reads} writes_total={writes} map={map} unmap={unmap}");
     assert!(reads > 0 && writes > 0, "fio did no I/O on the root disk");
-    assert!(map > 0, "the root disk's fio I/O was not mapped through the IOMMU");
+    assert!(
+        map > 0,
+        "the root disk's fio I/O was not mapped through the IOMMU"
+    );
 }
 
 /// Kernel log lines the device-tree test wants to see (`kmsg` check).
