@@ -152,8 +152,8 @@ fn region(fd: &File, index: u32) -> Result<Region, String> {
 }
 
 fn io_at(r: &Region, off: u64, len: usize, what: &str) -> Result<u64, String> {
-    match off.checked_add(len as u64) {
-        Some(end) if end <= r.size => Ok(r.offset + off),
+    match (off.checked_add(len as u64), r.offset.checked_add(off)) {
+        (Some(end), Some(at)) if end <= r.size => Ok(at),
         _ => Err(format!(
             "{what} access at {off:#x}+{len} outside the region ({:#x})",
             r.size
@@ -323,7 +323,10 @@ impl Dma {
 
     /// A copy of `len` bytes at `off`.
     fn copy_out(&self, off: usize, len: usize) -> Result<Vec<u8>, String> {
-        (off..off + len).map(|o| self.read::<u8>(o)).collect()
+        let end = off
+            .checked_add(len)
+            .ok_or("DMA buffer copy out of bounds")?;
+        (off..end).map(|o| self.read::<u8>(o)).collect()
     }
 }
 
