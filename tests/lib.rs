@@ -346,7 +346,8 @@ pub struct GuestOutput {
     pub timeline: Vec<(Duration, bool, String)>,
     /// `GUEST_KMSG` lines (kernel log lines the `kmsg` check printed).
     pub kmsg: Vec<String>,
-    /// `GUEST_MARK` lines: label (`init`, `<check>.start`, `<check>.end`) → mark ID.
+    /// `GUEST_MARK` lines: label (`init`, `<check>.start`, `<check>.end`, a check's sub-phase
+    /// `<check>.<phase>`) → mark ID.
     pub marks: BTreeMap<String, u64>,
     /// The VMM's threads when the guest printed `GUEST_INIT_REACHED`: (name, the `Seccomp:`
     /// field of `/proc/PID/task/TID/status`, 2 = filter installed).
@@ -491,14 +492,20 @@ impl GuestOutput {
     /// How much VMM counter `counter` grew while guest check `check` ran (between its
     /// start and end marks). Exact: the VMM snapshots on the vCPU that writes the mark.
     pub fn during(&self, check: &str, counter: &str) -> u64 {
-        let get = |label: String| {
-            self.mark_counters(&label)
+        self.between(&format!("{check}.start"), &format!("{check}.end"), counter)
+    }
+
+    /// How much VMM counter `counter` grew from guest mark `from` to mark `to` (labels as in
+    /// [`GuestOutput::marks`], e.g. a check's sub-phase marks `vfio-msix.move.start`).
+    pub fn between(&self, from: &str, to: &str, counter: &str) -> u64 {
+        let get = |label: &str| {
+            self.mark_counters(label)
                 .get(counter)
                 .and_then(|v| v.as_u64())
                 .unwrap_or_else(|| panic!("no counter {counter} at mark {label}"))
         };
-        let (start, end) = (get(format!("{check}.start")), get(format!("{check}.end")));
-        assert!(end >= start, "{counter} went backwards during {check}");
+        let (start, end) = (get(from), get(to));
+        assert!(end >= start, "{counter} went backwards from {from} to {to}");
         end - start
     }
 

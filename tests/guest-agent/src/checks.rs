@@ -15,6 +15,8 @@ pub struct Ctx<'a> {
     pub cmdline: &'a Cmdline,
     /// Running as PID 1 in the test guest (not on a developer's host).
     pub in_guest: bool,
+    /// Marks reach the VMM (the marker port is accessible): for [`crate::marker::phase_mark`].
+    pub marks: bool,
 }
 
 type CheckResult = Result<(), String>;
@@ -33,6 +35,7 @@ pub fn run(ctx: &Ctx, name: &str) -> CheckResult {
         "irq-affinity" => guest_only(ctx, irq_affinity),
         "devicetree" => devicetree(),
         "vfio" => guest_only(ctx, crate::vfio::vfio),
+        "vfio-msix" => guest_only(ctx, crate::vfio_msix::vfio_msix),
         _ => Err("unknown check".to_string()),
     }
 }
@@ -91,7 +94,7 @@ fn disk_dev(ctx: &Ctx) -> Result<String, String> {
     resolve_disk(spec.split(',').next().unwrap_or(spec))
 }
 
-fn read(path: &str) -> Result<String, String> {
+pub(crate) fn read(path: &str) -> Result<String, String> {
     fs::read_to_string(path).map_err(|e| format!("read {path}: {e}"))
 }
 
@@ -196,7 +199,7 @@ fn output_queue_len() -> usize {
     }
 }
 
-fn join(counts: &[u64]) -> String {
+pub(crate) fn join(counts: &[u64]) -> String {
     counts
         .iter()
         .map(u64::to_string)

@@ -15,6 +15,7 @@ mod parse;
 #[allow(dead_code)] // shared with host-side tests, which use all of it
 mod pattern;
 mod vfio;
+mod vfio_msix;
 
 use std::ffi::CString;
 use std::io::{self, Write};
@@ -74,6 +75,7 @@ fn main() {
     let ctx = checks::Ctx {
         cmdline: &cmdline,
         in_guest: pid1,
+        marks,
     };
 
     let (mut pass, mut fail) = (0, 0);
