@@ -470,7 +470,11 @@ fn disk_one(ctx: &Ctx, dev: &str) -> CheckResult {
 fn irq_affinity(ctx: &Ctx) -> CheckResult {
     let name = ctx.cmdline.get("guest.irq_match").unwrap_or("virtio1");
     let kib = ctx.cmdline.get_u64("guest.affinity_io_kib", 512)?;
-    let dev = disk_dev(ctx)?;
+    // The disk whose interrupt `guest.irq_match` names, when it is not `guest.disk`.
+    let dev = match ctx.cmdline.get("guest.irq_disk") {
+        Some(spec) => resolve_disk(spec)?,
+        None => disk_dev(ctx)?,
+    };
     let dev = dev.as_str();
     let find = |text: &str| -> Option<(String, Vec<u64>, String)> {
         let mut lines = text.lines();
