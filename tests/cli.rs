@@ -125,8 +125,18 @@ fn initrd_missing() {
 fn unknown_iommu_mode() {
     assert_one_line_error(
         &["--kernel", &fake_bzimage(), "--iommu=maybe"],
-        "invalid value 'maybe'",
+        "--iommu=maybe: expected on, off, or a comma-separated list of dma, intremap, pvremap",
     );
+}
+
+#[test]
+fn pv_remapping_excludes_vtd_remapping() {
+    for mode in ["--iommu=intremap,pvremap", "--iommu=on,pvremap"] {
+        assert_one_line_error(
+            &["--kernel", &fake_bzimage(), mode],
+            "pvremap (PV-IR) and intremap (VT-d, also part of `on`) exclude each other",
+        );
+    }
 }
 
 #[test]
