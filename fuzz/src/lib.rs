@@ -16,6 +16,7 @@
 pub mod ioapic;
 pub mod msix;
 pub mod pci_config;
+pub mod pvirq;
 pub mod remap_unit;
 pub mod virtio_blk;
 pub mod virtio_iommu;
@@ -39,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("pci_config", pci_config::run),
     ("virtio_pci", virtio_pci::run),
     ("msix", msix::run),
+    ("pvirq", pvirq::run),
 ];
 
 /// Guest RAM size in the targets: small, so building it per execution is cheap.
