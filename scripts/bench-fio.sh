@@ -47,7 +47,7 @@ done
 command -v gnuplot >/dev/null || {
   echo "bench-fio: installing gnuplot-nox for the chart" >&2
   sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q gnuplot-nox >&2
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gnuplot-nox >&2 # env: sudo drops it otherwise
 }
 guest="$(bash resources/guest/build.sh | tail -n1)"
 if [[ -z "${VMM_BIN:-}" ]]; then

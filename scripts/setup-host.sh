@@ -18,7 +18,8 @@ if ((${#missing[@]})); then
   sudo_cmd=()
   [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${missing[@]}" >&2
+  # Through env: sudo's env_reset (Debian's default sudoers) drops a DEBIAN_FRONTEND set before it.
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
 # The guest recipe builds fio from Debian's source package: apt needs a deb-src entry. Mirror
 # debian.sources (Debian 12's deb822 file) with Types: deb-src, once.

@@ -29,6 +29,11 @@ WORK=$CACHE/work
 LOGS=$WORK/logs
 LINUX_TARBALL=/usr/src/linux-source-6.12.tar.xz
 RUST_TARGET=x86_64-unknown-linux-gnu
+# mke2fs (e2fsprogs) is installed in /usr/sbin (/sbin), which is not on a non-root user's PATH
+# on Debian: append them (appended, so no other tool, and no cache key, changes).
+for d in /usr/sbin /sbin; do
+    [[ :$PATH: == *:$d:* ]] || PATH=$PATH:$d
+done
 # Extra guest cmdline this PVM host needs (README.md beside this file, "The PVM host"). Not for real KVM.
 declare -A ARTIFACT_KEYS
 CMDLINE_PVM='emul_quirks clearcpuid=xsave,cx16,fsgsbase,invpcid,smap,popcnt,rdrand,rdseed'
@@ -68,6 +73,7 @@ check_host_packages() {
         die "missing Debian packages: ${missing[*]} (apt-get install \$(cat $PACKAGES_FILE))"
     fi
     command -v cargo >/dev/null || die "cargo not found (the guest agent needs a Rust toolchain)"
+    command -v mke2fs >/dev/null || die "mke2fs not found (package e2fsprogs, in /usr/sbin)"
 }
 
 fio_source_version() {
