@@ -701,15 +701,7 @@ mod tests {
 
         /// Programs IOAPIC `pin` in remappable format onto IRTE `index`, unmasked.
         fn program_pin(&mut self, pin: u32, index: u64) {
-            let rte = index << 49 | 1 << 48 | u64::from(pin);
-            let mut r = lock(&self.router);
-            for (reg, val) in [
-                (0x10 + 2 * pin, rte as u32),
-                (0x11 + 2 * pin, (rte >> 32) as u32),
-            ] {
-                r.ioapic_write(0x00, &reg.to_le_bytes());
-                r.ioapic_write(0x10, &val.to_le_bytes());
-            }
+            write_rte(&self.router, pin, index << 49 | 1 << 48 | u64::from(pin));
         }
 
         fn tables(&self) -> usize {
@@ -722,6 +714,18 @@ mod tests {
 
         fn faults(&self) -> u64 {
             lock(&self.router).remap_stats().unwrap().faults_recorded
+        }
+    }
+
+    /// Writes redirection entry `pin` (both dwords, through IOREGSEL/IOWIN) as a guest does.
+    fn write_rte(router: &Mutex<IrqRouter>, pin: u32, rte: u64) {
+        let mut r = lock(router);
+        for (reg, val) in [
+            (0x10 + 2 * pin, rte as u32),
+            (0x11 + 2 * pin, (rte >> 32) as u32),
+        ] {
+            r.ioapic_write(0x00, &reg.to_le_bytes());
+            r.ioapic_write(0x10, &val.to_le_bytes());
         }
     }
 
@@ -1036,14 +1040,7 @@ mod tests {
                     | 1 << 48
                     | (handle >> 15) << 11
                     | u64::from(msg.data & 0xff);
-                let mut r = lock(&self.router);
-                for (reg, val) in [
-                    (0x10 + 2 * pin, rte as u32),
-                    (0x11 + 2 * pin, (rte >> 32) as u32),
-                ] {
-                    r.ioapic_write(0x00, &reg.to_le_bytes());
-                    r.ioapic_write(0x10, &val.to_le_bytes());
-                }
+                write_rte(&self.router, pin, rte);
             }
 
             fn tables(&self) -> usize {
