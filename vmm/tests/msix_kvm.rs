@@ -12,14 +12,16 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use common::remap::{enable_remapping, irte, r64, remappable, w64};
-use common::{start_tiny_guest, Poller, TinyGuest, FAULT_VECTOR, VECTOR, VECTOR_PORT, WAIT};
+use common::remap::{enable_remapping, r64, remappable, w64, write_irte};
+use common::{
+    expect_nothing, expect_vector, start_routed_guest, wait_until, Poller, RoutedGuest, TinyGuest,
+    FAULT_VECTOR, VECTOR,
+};
 use devices::pci::msix::{MsixTable, MSIX_CTRL_ENABLE};
 use devices::remap::regs::{DMAR_FRCD_REG, DMAR_IQT_REG};
 use devices::remap::RemapUnit;
-use devices::{InterruptLine, Ioapic};
+use devices::InterruptLine;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::interrupts::InterruptManager;
 use vmm::irq_routing::{IrqRouter, RemapBus};
@@ -45,20 +47,16 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let guest = start_tiny_guest();
-    let im = Arc::new(InterruptManager::new(guest.vm.clone(), 24, (24, 1023)));
-    im.init_routing().unwrap();
-    let router = IrqRouter::new(
-        Ioapic::new(0),
-        Some(RemapUnit::new(guest.mem.clone())),
-        im.clone(),
-        0xff00,
-    );
-    let mut regs = RemapBus(router.clone());
+    let RoutedGuest {
+        guest,
+        im,
+        router,
+        mut regs,
+        poller,
+    } = start_routed_guest(0, 0xff00, |mem| Box::new(RemapUnit::new(mem.clone())));
     enable_remapping(&mut regs, IRT_BASE, IQ_BASE);
     let msix = vmm::pci::msix_vectors(2, BDF, &im, &router).unwrap();
     let table = MsixTable::new(msix.vectors.clone(), msix.sink.clone());
-    let poller = Poller::start(im.clone());
     Setup {
         guest,
         im,
@@ -73,12 +71,7 @@ fn setup() -> Setup {
 
 impl Setup {
     fn write_irte(&self, index: u16, vector: u8, sid: u16) {
-        // SVT = 1 (verify the full requester ID), SQ = 0.
-        let entry = irte(vector) | u128::from(sid) << 64 | 1u128 << 82;
-        self.guest
-            .mem
-            .write_obj(entry, GuestAddress(IRT_BASE + 16 * u64::from(index)))
-            .unwrap();
+        write_irte(&self.guest.mem, IRT_BASE, index, vector, sid);
     }
 
     /// Programs table entry `v` with IRTE `index` (remappable format) and `masked`, as
@@ -119,28 +112,6 @@ impl Setup {
             2,
             "wait descriptor completed"
         );
-    }
-}
-
-fn expect_vector(guest: &TinyGuest, vector: u8, what: &str) {
-    let (port, got) = guest
-        .ports
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("guest did not get {what}"));
-    assert_eq!((port, got), (VECTOR_PORT, vector), "{what}");
-}
-
-fn expect_nothing(guest: &TinyGuest, what: &str) {
-    if let Ok(got) = guest.ports.recv_timeout(Duration::from_millis(300)) {
-        panic!("{what}: unexpected {got:?}");
-    }
-}
-
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -11,19 +11,18 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use common::pvirq::{program_pin, rte_for, PvDriver};
-use common::remap::r64;
-use common::{start_tiny_guest, Poller, TinyGuest, FAULT_VECTOR, VECTOR, VECTOR_PORT, WAIT};
+use common::remap::{r32, r64};
+use common::{
+    expect_nothing, expect_vector, start_routed_guest, wait_until, RoutedGuest, FAULT_VECTOR,
+    VECTOR,
+};
 use devices::pvirq::regs::{
     LAST_FAULT_PCI, LAST_FAULT_VALID, REG_FAULT_COUNT, REG_LAST_FAULT, REG_MAX_HANDLES,
 };
-use devices::{BusDevice, InterruptLine, Ioapic, PvIrq, PvIrqConfig};
+use devices::{InterruptLine, PvIrq, PvIrqConfig};
 use vmm::interrupts::InterruptManager;
-use vmm::irq_routing::{IoapicBus, IrqRouter, RemapBus};
-use vmm::remapper::InterruptRemapper;
+use vmm::irq_routing::IoapicBus;
 
 /// Where the driver's request block lives.
 const BLOCK: u64 = 0x30_0000;
@@ -35,79 +34,38 @@ const IOAPIC_SID: u16 = 0xff00;
 const NOT_PRESENT: u64 = 1;
 const NOT_OWNER: u64 = 2;
 
-struct Setup {
-    guest: TinyGuest,
-    im: Arc<InterruptManager>,
-    router: Arc<Mutex<IrqRouter>>,
-    regs: RemapBus,
-    _poller: Poller,
-}
-
 /// The tiny guest, a router translating through PV-IR (one IOAPIC, one PCI function, one
 /// vCPU with APIC ID 0), and the VMM's parked-source poller.
-fn setup() -> Setup {
-    let guest = start_tiny_guest();
-    let im = Arc::new(InterruptManager::new(guest.vm.clone(), 24, (24, 1023)));
-    im.init_routing().unwrap();
-    let pv = PvIrq::new(
-        PvIrqConfig {
-            ioapic_id: IOAPIC_ID,
-            ioapic_pins: 24,
-            pci_requesters: vec![RID],
-            apic_ids: vec![0],
-            max_handles: 256,
-        },
-        guest.mem.clone(),
-    );
-    let router = IrqRouter::with_remapper(
-        Ioapic::new(IOAPIC_ID),
-        Some(Box::new(pv) as Box<dyn InterruptRemapper>),
-        im.clone(),
-        IOAPIC_SID,
-    );
-    let regs = RemapBus(router.clone());
-    let poller = Poller::start(im.clone());
-    Setup {
-        guest,
-        im,
-        router,
-        regs,
-        _poller: poller,
-    }
-}
-
-/// Waits for the guest to report `vector`.
-fn expect_vector(guest: &TinyGuest, vector: u8, what: &str) {
-    let (port, got) = guest
-        .ports
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("guest did not get {what}"));
-    assert_eq!((port, got), (VECTOR_PORT, vector), "{what}");
+fn setup() -> RoutedGuest {
+    start_routed_guest(IOAPIC_ID, IOAPIC_SID, |mem| {
+        Box::new(PvIrq::new(
+            PvIrqConfig {
+                ioapic_id: IOAPIC_ID,
+                ioapic_pins: 24,
+                pci_requesters: vec![RID],
+                apic_ids: vec![0],
+                max_handles: 256,
+            },
+            mem.clone(),
+        ))
+    })
 }
 
 /// Waits until the poller has reported `n` blocked requests in all.
 fn wait_blocked(im: &InterruptManager, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    while im.counters().blocked_requests < n {
-        assert!(Instant::now() < deadline, "blocked request never seen");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn r32(regs: &mut dyn BusDevice, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    regs.read(off, &mut b);
-    u32::from_le_bytes(b)
+    wait_until("the blocked request", || {
+        im.counters().blocked_requests >= n
+    });
 }
 
 #[test]
 fn msi_through_a_pv_handle_is_delivered_by_kvm_and_a_set_is_one_routing_update() {
-    let Setup {
+    let RoutedGuest {
         guest,
         im,
         router,
         mut regs,
-        _poller,
+        poller: _poller,
     } = setup();
     assert_eq!(r32(&mut regs, REG_MAX_HANDLES), 256);
     let msi = im.allocate_msi().unwrap();
@@ -172,12 +130,12 @@ fn msi_through_a_pv_handle_is_delivered_by_kvm_and_a_set_is_one_routing_update()
 fn a_pin_naming_another_pins_handle_is_blocked_and_recorded_and_clear_blocks() {
     const OWNER_PIN: u32 = 4;
     const OTHER_PIN: u32 = 5;
-    let Setup {
+    let RoutedGuest {
         guest,
         im,
         router,
         mut regs,
-        _poller,
+        poller: _poller,
     } = setup();
     let owner_line = im.irqfd_line(OWNER_PIN).unwrap();
     let other_line = im.irqfd_line(OTHER_PIN).unwrap();
@@ -232,10 +190,7 @@ fn a_pin_naming_another_pins_handle_is_blocked_and_recorded_and_clear_blocks() {
     assert_eq!((fault >> 16) & 0xffff, u64::from(OWNER_PIN), "pin");
     assert_eq!((fault >> 32) & 0xff, NOT_PRESENT, "reason");
     assert_eq!(r32(drv.regs, REG_FAULT_COUNT), 2);
-    assert!(guest
-        .ports
-        .recv_timeout(Duration::from_millis(300))
-        .is_err());
+    expect_nothing(&guest, "the cleared handle");
 
     // SET again: delivered, and the guest (still alive) ends on VECTOR.
     assert_eq!(drv.set(handle, VECTOR, 0), 0, "SET after CLEAR");

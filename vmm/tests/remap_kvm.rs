@@ -11,20 +11,20 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
-use common::remap::{enable_remapping, irte, r64, remappable, w32};
-use common::{start_tiny_guest, Poller, TinyGuest, FAULT_VECTOR, VECTOR, VECTOR_PORT, WAIT};
+use common::pvirq::program_pin;
+use common::remap::{enable_remapping, r32, r64, remappable, w32, write_irte};
+use common::{
+    expect_nothing, expect_vector, start_routed_guest, RoutedGuest, FAULT_VECTOR, VECTOR,
+};
 use devices::remap::regs::{
     DMAR_FEADDR_REG, DMAR_FECTL_REG, DMAR_FEDATA_REG, DMAR_FEUADDR_REG, DMAR_FRCD_REG,
     DMAR_FSTS_REG, DMA_FSTS_PPF,
 };
 use devices::remap::RemapUnit;
-use devices::{BusDevice, InterruptLine, Ioapic};
-use vm_memory::{Bytes, GuestAddress};
-use vmm::interrupts::InterruptManager;
-use vmm::irq_routing::{IoapicBus, IrqRouter, RemapBus};
+use devices::InterruptLine;
+use vmm::irq_routing::{IoapicBus, IrqRouter};
 
 const IRT_BASE: u64 = 0x10_0000;
 const IQ_BASE: u64 = 0x20_0000;
@@ -37,42 +37,18 @@ const OWNER_SID: u16 = 0x0010;
 const OTHER_SID: u16 = 0x0020;
 const IOAPIC_SID: u16 = 0xff00;
 
-struct Setup {
-    guest: TinyGuest,
-    im: Arc<InterruptManager>,
-    router: Arc<Mutex<IrqRouter>>,
-    regs: RemapBus,
-    _poller: Poller,
-}
-
 /// The tiny guest, the router with a remapping unit brought up as Linux does, fault events
 /// unmasked to FAULT_VECTOR on APIC 0, and the VMM's parked-source poller running.
-fn setup() -> Setup {
-    let guest = start_tiny_guest();
-    let im = Arc::new(InterruptManager::new(guest.vm.clone(), 24, (24, 1023)));
-    im.init_routing().unwrap();
-    let router = IrqRouter::new(
-        Ioapic::new(0),
-        Some(RemapUnit::new(guest.mem.clone())),
-        im.clone(),
-        IOAPIC_SID,
-    );
-    let mut regs = RemapBus(router.clone());
+fn setup() -> RoutedGuest {
+    let mut s = start_routed_guest(0, IOAPIC_SID, |mem| Box::new(RemapUnit::new(mem.clone())));
     // The guest's driver: queued invalidation, x2APIC-format table of 256 entries, IR on.
-    enable_remapping(&mut regs, IRT_BASE, IQ_BASE);
+    enable_remapping(&mut s.regs, IRT_BASE, IQ_BASE);
     // dmar_set_interrupt(): the fault event's message, then unmask it.
-    w32(&mut regs, DMAR_FEDATA_REG, u32::from(FAULT_VECTOR));
-    w32(&mut regs, DMAR_FEADDR_REG, 0xfee0_0000);
-    w32(&mut regs, DMAR_FEUADDR_REG, 0);
-    w32(&mut regs, DMAR_FECTL_REG, 0);
-    let poller = Poller::start(im.clone());
-    Setup {
-        guest,
-        im,
-        router,
-        regs,
-        _poller: poller,
-    }
+    w32(&mut s.regs, DMAR_FEDATA_REG, u32::from(FAULT_VECTOR));
+    w32(&mut s.regs, DMAR_FEADDR_REG, 0xfee0_0000);
+    w32(&mut s.regs, DMAR_FEUADDR_REG, 0);
+    w32(&mut s.regs, DMAR_FECTL_REG, 0);
+    s
 }
 
 fn faults_recorded(router: &Mutex<IrqRouter>) -> u64 {
@@ -84,30 +60,17 @@ fn faults_recorded(router: &Mutex<IrqRouter>) -> u64 {
         .faults_recorded
 }
 
-/// Waits for the guest to report `vector`.
-fn expect_vector(guest: &TinyGuest, vector: u8, what: &str) {
-    let (port, got) = guest
-        .ports
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("guest did not get {what}"));
-    assert_eq!((port, got), (VECTOR_PORT, vector), "{what}");
-}
-
 #[test]
 fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded_when_it_fires() {
-    let Setup {
+    let RoutedGuest {
         guest,
         im,
         router,
         mut regs,
-        _poller,
+        poller: _poller,
     } = setup();
     // IRTE: present, fixed, physical APIC ID 0, VECTOR; SVT = 1 (verify SID), SQ = 0, SID.
-    let entry = irte(VECTOR) | u128::from(OWNER_SID) << 64 | 1u128 << 82;
-    guest
-        .mem
-        .write_obj(entry, GuestAddress(IRT_BASE + 16 * u64::from(INDEX)))
-        .unwrap();
+    write_irte(&guest.mem, IRT_BASE, INDEX, VECTOR, OWNER_SID);
 
     // The intruder programs the owner's interrupt index: no route; nothing recorded yet,
     // because nothing was requested yet.
@@ -132,10 +95,8 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded_when_it_fires() {
     assert_eq!(faults_recorded(&router), 1);
     let stats = router.lock().unwrap().remap_stats().unwrap();
     assert_eq!(stats.blocked.source_id_mismatch, 1);
-    let mut fsts = [0u8; 4];
-    regs.read(DMAR_FSTS_REG, &mut fsts);
     assert_ne!(
-        u32::from_le_bytes(fsts) & DMA_FSTS_PPF,
+        r32(&mut regs, DMAR_FSTS_REG) & DMA_FSTS_PPF,
         0,
         "primary pending fault"
     );
@@ -172,25 +133,19 @@ fn interrupt_from_the_wrong_source_id_is_blocked_and_recorded_when_it_fires() {
 fn ioapic_entry_onto_a_missing_irte_raises_a_fault_event_when_the_pin_fires() {
     const PIN: u32 = 5;
     const BAD_INDEX: u64 = 9;
-    let Setup {
+    let RoutedGuest {
         guest,
         im,
         router,
         mut regs,
-        _poller,
+        poller: _poller,
     } = setup();
     let line = im.irqfd_line(PIN).unwrap();
     // IRTE 9 is not present (zeroed memory). Remappable-format RTE: handle 9, vector field =
     // pin, unmasked.
     let rte: u64 = BAD_INDEX << 49 | 1 << 48 | u64::from(PIN);
     let mut ioapic = IoapicBus(router.clone());
-    for (reg, val) in [
-        (0x10 + 2 * PIN, rte as u32),
-        (0x11 + 2 * PIN, (rte >> 32) as u32),
-    ] {
-        w32(&mut ioapic, 0x00, reg);
-        w32(&mut ioapic, 0x10, val);
-    }
+    program_pin(&mut ioapic, PIN, rte);
     assert_eq!(im.route(PIN), None);
     assert!(im.is_parked(PIN));
     assert_eq!(faults_recorded(&router), 0);
@@ -203,8 +158,5 @@ fn ioapic_entry_onto_a_missing_irte_raises_a_fault_event_when_the_pin_fires() {
     assert_eq!(hi & 0xffff, u64::from(IOAPIC_SID), "recorded requester");
     assert_eq!(faults_recorded(&router), 1);
     // Nothing else arrives: the blocked interrupt itself is not delivered.
-    assert!(guest
-        .ports
-        .recv_timeout(Duration::from_millis(300))
-        .is_err());
+    expect_nothing(&guest, "the blocked interrupt");
 }

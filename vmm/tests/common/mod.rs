@@ -12,8 +12,13 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use std::time::{Duration, Instant};
+
+use devices::Ioapic;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm::interrupts::{InterruptManager, ParkedPoller};
+use vmm::irq_routing::{IrqRouter, RemapBus};
+use vmm::remapper::InterruptRemapper;
 
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -211,5 +216,70 @@ impl Drop for Poller {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The tiny guest behind an interrupt router, as the remapping KVM tests use it.
+pub struct RoutedGuest {
+    pub guest: TinyGuest,
+    /// 24 IOAPIC pins, MSI GSIs 24..=1023, KVM routing initialised.
+    pub im: Arc<InterruptManager>,
+    pub router: Arc<Mutex<IrqRouter>>,
+    /// The router's register page (the remapper's registers).
+    pub regs: RemapBus,
+    /// The VMM's parked-source poller; stops when dropped.
+    pub poller: Poller,
+}
+
+/// Starts the tiny guest, its interrupt manager, a router over IOAPIC `ioapic_id` (its pins
+/// with requester ID `ioapic_sid`) translating through the remapper `remapper` builds on the
+/// guest's memory, and the parked-source poller.
+pub fn start_routed_guest(
+    ioapic_id: u8,
+    ioapic_sid: u16,
+    remapper: impl FnOnce(&GuestMemoryMmap) -> Box<dyn InterruptRemapper>,
+) -> RoutedGuest {
+    let guest = start_tiny_guest();
+    let im = Arc::new(InterruptManager::new(guest.vm.clone(), 24, (24, 1023)));
+    im.init_routing().unwrap();
+    let router = IrqRouter::with_remapper(
+        Ioapic::new(ioapic_id),
+        Some(remapper(&guest.mem)),
+        im.clone(),
+        ioapic_sid,
+    );
+    let regs = RemapBus(router.clone());
+    let poller = Poller::start(im.clone());
+    RoutedGuest {
+        guest,
+        im,
+        router,
+        regs,
+        poller,
+    }
+}
+
+/// Waits for the guest to report `vector`.
+pub fn expect_vector(guest: &TinyGuest, vector: u8, what: &str) {
+    let (port, got) = guest
+        .ports
+        .recv_timeout(WAIT)
+        .unwrap_or_else(|_| panic!("guest did not get {what}"));
+    assert_eq!((port, got), (VECTOR_PORT, vector), "{what}");
+}
+
+/// Checks that the guest reports nothing within 300 ms.
+pub fn expect_nothing(guest: &TinyGuest, what: &str) {
+    if let Ok(got) = guest.ports.recv_timeout(Duration::from_millis(300)) {
+        panic!("{what}: unexpected {got:?}");
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds; fails after [`WAIT`].
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -8,6 +8,7 @@ use devices::remap::regs::{
     DMA_GCMD_SIRTP,
 };
 use devices::{BusDevice, MsiMessage};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Writes a 32-bit register.
 pub fn w32(dev: &mut dyn BusDevice, off: u64, v: u32) {
@@ -17,6 +18,13 @@ pub fn w32(dev: &mut dyn BusDevice, off: u64, v: u32) {
 /// Writes a 64-bit register.
 pub fn w64(dev: &mut dyn BusDevice, off: u64, v: u64) {
     dev.write(off, &v.to_le_bytes());
+}
+
+/// Reads a 32-bit register.
+pub fn r32(dev: &mut dyn BusDevice, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.read(off, &mut b);
+    u32::from_le_bytes(b)
 }
 
 /// Reads a 64-bit register.
@@ -41,6 +49,14 @@ pub fn enable_remapping(regs: &mut dyn BusDevice, irt_base: u64, iq_base: u64) {
 /// An IRTE: present, fixed delivery, physical destination APIC ID 0, `vector`.
 pub fn irte(vector: u8) -> u128 {
     1 | u128::from(vector) << 16
+}
+
+/// Writes IRTE `index` of the table at `irt_base`: [`irte`]`(vector)` with the full
+/// requester ID `sid` verified (SVT = 1, SQ = 0).
+pub fn write_irte(mem: &GuestMemoryMmap, irt_base: u64, index: u16, vector: u8, sid: u16) {
+    let entry = irte(vector) | u128::from(sid) << 64 | 1u128 << 82;
+    mem.write_obj(entry, GuestAddress(irt_base + 16 * u64::from(index)))
+        .unwrap();
 }
 
 /// Remappable-format MSI for IRTE `index` (handle in address bits 19:5 and 2, SHV = 0).
