@@ -11,6 +11,9 @@
 # ratios to QEMU and CH. For vmm also the VMM's own figures from --stats-json: boot_to_init_ms
 # (VMM start -> the guest's init mark), first_kvm_run_ms, RSS without guest RAM, threads.
 # VMM_BASE_BIN=path adds a row for another vmm build (e.g. before a change), same arguments.
+# NO_QEMU=1 leaves QEMU out (e.g. for a vmm / Cloud Hypervisor comparison only).
+# LOGS=DIR keeps every console as DIR/<vmm>-<config>-<round>.log with host arrival times;
+# scripts/boot-timeline.py DIR/vmm-iommu-1.log DIR/ch-iommu-1.log shows where they differ.
 # Timings on a PVM host are only meaningful as ratios within one run.
 #   scripts/bench-boot.sh [N] [CPUS]
 set -euo pipefail
@@ -19,6 +22,7 @@ cd "$root"
 n="${1:-3}"
 cpus="${2:-1}"
 configs="${CONFIGS:-bare iommu}"
+if [[ -n "${LOGS:-}" ]]; then mkdir -p "$LOGS"; LOGS="$(cd "$LOGS" && pwd)"; fi
 guest="$(bash resources/guest/build.sh | tail -n1)"
 cargo build --release --bin vmm >&2
 vmm_bin="${VMM_BIN:-$root/target/release/vmm}"
@@ -29,16 +33,24 @@ trap 'rm -rf "$work"' EXIT
 disk="$work/disk.img"
 truncate -s 64M "$disk"
 
-# measure CMD...: prints "<ms to GUEST_INIT_REACHED> <ms to exit>", host-side.
+# now_ms: milliseconds since the epoch, without a fork (bash 5's EPOCHREALTIME).
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+
+# measure LOG CMD...: prints "<ms to GUEST_INIT_REACHED> <ms to exit>", host-side; with LOG
+# non-empty, also writes the console there, each line prefixed by its host arrival time in ms
+# since the VMM's start (scripts/boot-timeline.py --host reads that).
 measure() {
-  local start init=""
-  start=$(date +%s%N)
+  local log=$1 start init="" now
+  shift
+  start=$(now_ms)
   while IFS= read -r line; do
+    now=$(now_ms)
+    [[ -n "$log" ]] && printf '%s %s\n' "$((now - start))" "$line" >>"$log"
     if [[ -z "$init" && "$line" == *GUEST_INIT_REACHED* ]]; then
-      init=$(( ($(date +%s%N) - start) / 1000000 ))
+      init=$((now - start))
     fi
   done < <(timeout 900 "$@" 2>&1 </dev/null)
-  local total=$(( ($(date +%s%N) - start) / 1000000 ))
+  local total=$(($(now_ms) - start))
   printf '%s %s\n' "${init:-NaN}" "$total"
 }
 
@@ -76,7 +88,7 @@ cmd_for() {
 
 vmms=(vmm)
 [[ -n "${VMM_BASE_BIN:-}" ]] && vmms+=(vmm-base)
-command -v qemu-system-x86_64 >/dev/null && vmms+=(qemu)
+command -v qemu-system-x86_64 >/dev/null && [[ ${NO_QEMU:-0} != 1 ]] && vmms+=(qemu)
 [[ -n "${CH_BIN:-}" ]] && vmms+=(ch)
 
 declare -A init_ms exit_ms own
@@ -84,7 +96,9 @@ for ((i = 1; i <= n; i++)); do
   for cfg in $configs; do
     for v in "${vmms[@]}"; do
       cmd_for "$v" "$cfg"
-      read -r a b < <(measure "${cmd[@]}")
+      log=""
+      if [[ -n "${LOGS:-}" ]]; then log="$LOGS/$v-$cfg-$i.log"; : >"$log"; fi
+      read -r a b < <(measure "$log" "${cmd[@]}")
       init_ms[$v.$cfg]+="$a "
       exit_ms[$v.$cfg]+="$b "
       if [[ $v == vmm* && -s "$work/$v-$cfg.json" ]]; then

@@ -28,7 +28,7 @@ step "fuzz corpus replay"
 # libFuzzer: a cold `cargo install cargo-fuzz` alone takes minutes). scripts/fuzz.sh fuzzes.
 bash scripts/fuzz.sh --replay
 step "command-line tests"
-cargo test -p e2e --test cli
+cargo test -p e2e --test cli --test boot_timeline
 step "guest boot tests"
 # One boot at a time: the host has 2 cores and boot times are reported.
 cargo test -p e2e --test boot -- --test-threads=1 --nocapture

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Builds the test guest from Debian packages only (see README.md beside this file):
 #   vmlinux + bzImage   Debian's linux-source-6.12, tinyconfig + kernel.config + patches/*.patch
-#   initramfs.cpio      uncompressed newc: /init = tests/guest-agent (static), /bin/busybox
-#                       (busybox-static), /usr/bin/fio (static, from Debian's fio source package)
-#   rootfs.ext4         the same files as a 32 MiB ext4 image (mke2fs -d), for root=/dev/vda
+#   initramfs.cpio      uncompressed newc: /init = tests/guest-agent (static), /usr/bin/fio
+#                       (static, from Debian's fio source package); nothing else, because every
+#                       MiB costs seconds of emulated unpacking per boot on a PVM host
+#   busybox.cpio        /bin/busybox (busybox-static) + applet links, an overlay for debugging:
+#                       `cat initramfs.cpio busybox.cpio >debug.cpio` (Linux unpacks both)
+#   rootfs.ext4         the same files plus busybox as a 32 MiB ext4 image (mke2fs -d), for
+#                       root=/dev/vda (a disk root costs no unpacking)
 #
 # Usage: resources/guest/build.sh              build if needed; last stdout line = output dir
 #        resources/guest/build.sh --print-dir  print the output dir without building
 #                                              (exit 1 if it is not built yet)
 #
 # Outputs: ${XDG_CACHE_HOME:-$HOME/.cache}/vmm-guest/<hash>/ with exactly vmlinux, bzImage,
-# initramfs.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
+# initramfs.cpio, busybox.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
 # Kernel, fio and agent are cached separately (kernel-<key>/, fio-<key>/, agent-<key>/) under
 # keys of their own inputs, so changing the agent does not rebuild the kernel. Everything is
 # built in a .tmp-* dir and renamed into place, so a half-built artifact never looks finished.
@@ -199,26 +203,40 @@ build_agent() { # OUTDIR
 }
 
 # ---------------------------------------------------------------------------------------------
+# stage_busybox DIR: /bin/busybox and its applet links under DIR.
+stage_busybox() {
+    local busybox a
+    busybox=$(dpkg-query -L busybox-static | grep -E '/busybox$' | head -n 1)
+    mkdir -p "$1/bin"
+    install -m 0755 "$busybox" "$1/bin/busybox"
+    for a in "${BUSYBOX_APPLETS[@]}"; do ln -s busybox "$1/bin/$a"; done
+}
+
 # stage_root DIR FIO_DIR AGENT_DIR: the guest's root filesystem contents (initramfs and rootfs).
 stage_root() {
-    local stage=$1 busybox a
+    local stage=$1
     rm -rf "$stage"
     mkdir -p "$stage"/{bin,usr/bin,proc,sys,dev,tmp,mnt}
     chmod 1777 "$stage/tmp"
-    busybox=$(dpkg-query -L busybox-static | grep -E '/busybox$' | head -n 1)
     install -m 0755 "$3/init" "$stage/init"
-    install -m 0755 "$busybox" "$stage/bin/busybox"
     install -m 0755 "$2/fio" "$stage/usr/bin/fio"
-    for a in "${BUSYBOX_APPLETS[@]}"; do ln -s busybox "$stage/bin/$a"; done
-    find "$stage" -exec touch -h -d @0 {} +
 }
 
-build_initramfs() { # OUT.cpio KERNEL_DIR FIO_DIR AGENT_DIR
+# write_cpio DIR OUT.cpio: DIR's files as a reproducible newc archive.
+write_cpio() {
+    find "$1" -exec touch -h -d @0 {} +
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio --quiet -o -H newc --reproducible -R 0:0) >"$2"
+}
+
+build_initramfs() { # OUT.cpio BUSYBOX_OUT.cpio FIO_DIR AGENT_DIR
     local stage=$WORK/.tmp-initramfs.$$
     stage_root "$stage" "$3" "$4"
     # /dev/console comes from the kernel's built-in initramfs (usr/default_cpio_list).
-    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
-        cpio --quiet -o -H newc --reproducible -R 0:0) >"$1"
+    write_cpio "$stage" "$1"
+    rm -rf "$stage" && mkdir -p "$stage"
+    stage_busybox "$stage"
+    write_cpio "$stage" "$2"
     rm -rf "$stage"
 }
 
@@ -229,6 +247,8 @@ build_initramfs() { # OUT.cpio KERNEL_DIR FIO_DIR AGENT_DIR
 build_rootfs() {
     local stage=$WORK/.tmp-rootfs.$$
     stage_root "$stage" "$2" "$3"
+    stage_busybox "$stage"
+    find "$stage" -exec touch -h -d @0 {} +
     # Fixed UUID, hash seed and time: the same inputs give the same bytes.
     E2FSPROGS_FAKE_TIME=1 run_logged "$LOGS/rootfs.log" mke2fs -q -F -t ext4 -d "$stage" \
         -L guestroot -U 5c0ffee0-0000-4000-8000-000000000001 \
@@ -360,7 +380,7 @@ main() {
     local tmp=$CACHE/.tmp-out-$OUT_KEY.$$ k=$CACHE/kernel-$KERNEL_KEY
     mkdir -p "$tmp"
     cp "$k/vmlinux" "$k/bzImage" "$k/kernel.config" "$tmp/"
-    build_initramfs "$tmp/initramfs.cpio" "$k" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
+    build_initramfs "$tmp/initramfs.cpio" "$tmp/busybox.cpio" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
     build_rootfs "$tmp/rootfs.ext4" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
     echo "$CMDLINE_PVM" >"$tmp/cmdline-pvm.txt"
     write_versions >"$tmp/versions.txt"

@@ -570,13 +570,16 @@ fn fio(ctx: &Ctx) -> CheckResult {
     }
 }
 
-/// `shell`: an interactive busybox shell on the console, for debugging only.
+/// `shell`: an interactive busybox shell on the console, for debugging only. The recipe's
+/// initramfs has no busybox: append its `busybox.cpio` (resources/guest/README.md).
 fn shell(_ctx: &Ctx) -> CheckResult {
     let status = Command::new("/bin/busybox")
         .arg("sh")
         .env("PATH", "/bin:/usr/bin")
         .status()
-        .map_err(|e| format!("spawn /bin/busybox sh: {e}"))?;
+        .map_err(|e| {
+            format!("spawn /bin/busybox sh: {e} (initramfs without busybox: append the recipe's busybox.cpio)")
+        })?;
     fact("shell", "exit", status.code().map_or(-1, |c| c));
     Ok(())
 }
