@@ -579,7 +579,7 @@ impl DeviceManager {
                 ("iommu.unmap", VIRTIO_IOMMU_T_UNMAP),
             ] {
                 let iommu = iommu.clone();
-                // Brief: the counters' locks are never held across a request's I/O.
+                // The counters' locks are never held across a request's I/O.
                 out.push((
                     name.into(),
                     Box::new(move || lock(&iommu).stats().requests_of(t)),
@@ -610,7 +610,7 @@ impl DeviceManager {
             out.push((
                 format!("disk{i}.requests"),
                 Box::new(move || {
-                    // Brief: the device lock is never held across I/O.
+                    // The device lock is never held across I/O.
                     let s = lock(&disk).stats();
                     s.reads + s.writes + s.flushes + s.get_id + s.unsupported
                 }),

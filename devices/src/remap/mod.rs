@@ -3,9 +3,10 @@
 //! Interrupt remapping through a remapping-only VT-d (DMAR) unit.
 //!
 //! An unmodified x86 Linux guest only remaps interrupts through a unit described by the ACPI
-//! DMAR table (virtio-iommu brief B.1, F.3): it programs interrupt-remapping table entries
-//! (IRTEs) in its own memory, points the unit at the table, and tells it about changes
-//! through the queued-invalidation interface. This module models such a unit with no DMA
+//! DMAR table (Linux drivers/iommu/irq_remapping.c picks the remapper while it sets up the
+//! APIC; the DMAR unit is the one a stock kernel knows): it programs interrupt-remapping
+//! table entries (IRTEs) in its own memory, points the unit at the table, and tells it about
+//! changes through the queued-invalidation interface. This module models such a unit with no DMA
 //! translation at all (CAP.SAGAW = 0, so Linux ignores it for DMA, which virtio-iommu owns).
 //!
 //! # Pieces

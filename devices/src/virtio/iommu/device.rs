@@ -10,7 +10,8 @@
 //! bytes of properties for PROBE, at the start of the writable part otherwise), or at the end
 //! of the writable part if that is shorter; everything before the tail is written too (zeros
 //! unless PROBE succeeded), and the used length counts all of it. Linux copies the reply back
-//! only when the used length equals the writable length it supplied (virtio-iommu brief A.6),
+//! only when the used length equals the writable length it supplied (Linux
+//! drivers/iommu/virtio-iommu.c, `__viommu_sync_req`),
 //! so a well-formed request always gets exactly that.
 //!
 //! Malformed requests (none of them panic or write outside the chain):
@@ -66,7 +67,8 @@ use crate::{guest_debug as debug, guest_warn as warn};
 pub const REQUEST_QUEUE: usize = 0;
 /// Index of the event queue.
 pub const EVENT_QUEUE: usize = 1;
-/// Queue sizes: a large request queue lets Linux batch MAP/UNMAP between kicks (brief E.1);
+/// Queue sizes: a large request queue lets Linux batch MAP/UNMAP between kicks (it queues
+/// requests and kicks once per sync, Linux drivers/iommu/virtio-iommu.c);
 /// the driver fills the event queue with one 24-byte buffer per slot.
 const QUEUE_SIZES: &[u16] = &[1024, 64];
 /// Requests (or event buffers) handled per [`QueueHandler::process_queue`] call.
@@ -74,7 +76,8 @@ pub const REQUESTS_PER_KICK: usize = 64;
 /// Requests popped (and returned, with one notification) together.
 const CHUNK: usize = 16;
 
-/// Page sizes: 4 KiB granule, 2 MiB and 1 GiB as hints (brief F.1).
+/// Page sizes: 4 KiB granule (the x86 page the guest maps with), 2 MiB and 1 GiB so Linux
+/// may map huge ranges in one request.
 pub const PAGE_SIZE_MASK: u64 = 0x1000 | 0x20_0000 | 0x4000_0000;
 /// Bytes of property space in a PROBE reply (one RESV_MEM property needs 24).
 pub const PROBE_SIZE: u32 = 512;
@@ -839,7 +842,7 @@ impl Inner {
 
     /// PROBE: one RESV_MEM/MSI property for the x86 MSI doorbell window, then zeros (type
     /// NONE). Without the MSI property Linux invents an ARM-style software MSI window at
-    /// 0x800_0000 (brief A.6).
+    /// 0x800_0000 (Linux drivers/iommu/virtio-iommu.c, `viommu_get_resv_regions`).
     fn probe(&self, req: &Request, props_len: usize) -> Reply {
         if !self.negotiated(VIRTIO_IOMMU_F_PROBE) {
             return Reply::status(VIRTIO_IOMMU_S_UNSUPP);

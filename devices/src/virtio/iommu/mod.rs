@@ -38,7 +38,8 @@
 //!
 //! A translation hands the device model host pointers (`VolatileSlice`s) that stay valid after
 //! the IOTLB entry is gone. So that "UNMAP completed" means "no device thread still uses the
-//! old translation" (virtio-iommu brief F.2), a device model behind the IOMMU must:
+//! old translation" (the virtio spec's UNMAP request: once it completes, the device must not
+//! access the range), a device model behind the IOMMU must:
 //!
 //! 1. Hold [`EndpointIommu::begin_request`]'s [`RequestGuard`] from the moment it starts
 //!    translating addresses for one request (popping the descriptor chain) until it has
