@@ -87,7 +87,7 @@ def command(cfg, a, disk, stats_json, fio_args):
                "guest.fio=" + "+".join(fio_args.split())] + strict_arg(cfg["iommu"])
     cmdline += a.host_cmdline
     kernel = os.path.join(a.guest, "vmlinux")
-    initrd = os.path.join(a.guest, "initramfs.cpio")
+    initrd = os.path.join(a.guest, "initramfs-fio.cpio")
     if cfg["vmm"] == "vmm":
         iommu = {("off", "off"): None, ("off", "on"): "intremap",
                  ("lazy", "off"): "dma", ("strict", "off"): "dma",

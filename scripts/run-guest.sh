@@ -21,5 +21,8 @@ cmdline="console=ttyS0 panic=-1 guest.checks=${GUEST_CHECKS:-cpus,serial-irq,iom
 if [[ -e /sys/module/kvm_pvm ]]; then
   cmdline+=" $(cat "$guest/cmdline-pvm.txt")"
 fi
-exec "$root/target/release/vmm" --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio" \
+# The fio check needs the initramfs with fio; the others boot faster without it.
+initrd="$guest/initramfs.cpio"
+[[ ,${GUEST_CHECKS:-}, == *,fio,* ]] && initrd="$guest/initramfs-fio.cpio"
+exec "$root/target/release/vmm" --kernel "$guest/vmlinux" --initrd "$initrd" \
   --cpus 2 --memory 512 --iommu --disk "$disk" --cmdline "$cmdline" "$@"

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Builds the test guest from Debian packages only (see README.md beside this file):
 #   vmlinux + bzImage   Debian's linux-source-6.12, tinyconfig + kernel.config + patches/*.patch
-#   initramfs.cpio      uncompressed newc: /init = tests/guest-agent (static), /usr/bin/fio
-#                       (static, from Debian's fio source package); nothing else, because every
-#                       MiB costs seconds of emulated unpacking per boot on a PVM host
+#   initramfs.cpio      uncompressed newc: /init = tests/guest-agent (static) and nothing else,
+#                       because every MiB costs seconds of emulated unpacking per boot on a PVM host
+#   initramfs-fio.cpio  the same plus /usr/bin/fio (static, from Debian's fio source package),
+#                       for the boots that run fio
 #   busybox.cpio        /bin/busybox (busybox-static) + applet links, an overlay for debugging:
 #                       `cat initramfs.cpio busybox.cpio >debug.cpio` (Linux unpacks both)
-#   rootfs.ext4         the same files plus busybox as a 32 MiB ext4 image (mke2fs -d), for
-#                       root=/dev/vda (a disk root costs no unpacking)
+#   rootfs.ext4         initramfs-fio.cpio's files plus busybox as a 32 MiB ext4 image
+#                       (mke2fs -d), for root=/dev/vda (a disk root costs no unpacking)
 #
 # Usage: resources/guest/build.sh              build if needed; last stdout line = output dir
 #        resources/guest/build.sh --print-dir  print the output dir without building
 #                                              (exit 1 if it is not built yet)
 #
 # Outputs: ${XDG_CACHE_HOME:-$HOME/.cache}/vmm-guest/<hash>/ with exactly vmlinux, bzImage,
-# initramfs.cpio, busybox.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
+# initramfs.cpio, initramfs-fio.cpio, busybox.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
 # Kernel, fio and agent are cached separately (kernel-<key>/, fio-<key>/, agent-<key>/) under
 # keys of their own inputs, so changing the agent does not rebuild the kernel. Everything is
 # built in a .tmp-* dir and renamed into place, so a half-built artifact never looks finished.
@@ -212,14 +213,15 @@ stage_busybox() {
     for a in "${BUSYBOX_APPLETS[@]}"; do ln -s busybox "$1/bin/$a"; done
 }
 
-# stage_root DIR FIO_DIR AGENT_DIR: the guest's root filesystem contents (initramfs and rootfs).
+# stage_root DIR FIO_DIR AGENT_DIR: the guest's root filesystem contents (initramfs and rootfs);
+# FIO_DIR empty: without fio.
 stage_root() {
     local stage=$1
     rm -rf "$stage"
     mkdir -p "$stage"/{bin,usr/bin,proc,sys,dev,tmp,mnt}
     chmod 1777 "$stage/tmp"
     install -m 0755 "$3/init" "$stage/init"
-    install -m 0755 "$2/fio" "$stage/usr/bin/fio"
+    [[ -z $2 ]] || install -m 0755 "$2/fio" "$stage/usr/bin/fio"
 }
 
 # write_cpio DIR OUT.cpio: DIR's files as a reproducible newc archive.
@@ -229,14 +231,16 @@ write_cpio() {
         cpio --quiet -o -H newc --reproducible -R 0:0) >"$2"
 }
 
-build_initramfs() { # OUT.cpio BUSYBOX_OUT.cpio FIO_DIR AGENT_DIR
+build_initramfs() { # OUT_DIR FIO_DIR AGENT_DIR: initramfs.cpio, initramfs-fio.cpio, busybox.cpio
     local stage=$WORK/.tmp-initramfs.$$
-    stage_root "$stage" "$3" "$4"
     # /dev/console comes from the kernel's built-in initramfs (usr/default_cpio_list).
-    write_cpio "$stage" "$1"
+    stage_root "$stage" "" "$3"
+    write_cpio "$stage" "$1/initramfs.cpio"
+    stage_root "$stage" "$2" "$3"
+    write_cpio "$stage" "$1/initramfs-fio.cpio"
     rm -rf "$stage" && mkdir -p "$stage"
     stage_busybox "$stage"
-    write_cpio "$stage" "$2"
+    write_cpio "$stage" "$1/busybox.cpio"
     rm -rf "$stage"
 }
 
@@ -380,14 +384,14 @@ main() {
     local tmp=$CACHE/.tmp-out-$OUT_KEY.$$ k=$CACHE/kernel-$KERNEL_KEY
     mkdir -p "$tmp"
     cp "$k/vmlinux" "$k/bzImage" "$k/kernel.config" "$tmp/"
-    build_initramfs "$tmp/initramfs.cpio" "$tmp/busybox.cpio" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
+    build_initramfs "$tmp" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
     build_rootfs "$tmp/rootfs.ext4" "$CACHE/fio-$FIO_KEY" "$CACHE/agent-$AGENT_KEY"
     echo "$CMDLINE_PVM" >"$tmp/cmdline-pvm.txt"
     write_versions >"$tmp/versions.txt"
     compute_keys
     [[ $OUT == "$out" ]] || die "inputs changed during the build, run build.sh again"
     mv -T "$tmp" "$OUT"
-    log "done in $((SECONDS - t0)) s: initramfs.cpio $(($(stat -c %s "$OUT/initramfs.cpio") / 1024)) KiB"
+    log "done in $((SECONDS - t0)) s: initramfs.cpio $(($(stat -c %s "$OUT/initramfs.cpio") / 1024)) KiB, initramfs-fio.cpio $(($(stat -c %s "$OUT/initramfs-fio.cpio") / 1024)) KiB"
     echo "$OUT"
 }
 

@@ -547,8 +547,9 @@ fn fio(ctx: &Ctx) -> CheckResult {
             .stdin(Stdio::null())
             .stdout(writer.try_clone().map_err(|e| format!("pipe: {e}"))?)
             .stderr(writer);
-        cmd.spawn()
-            .map_err(|e| format!("spawn /usr/bin/fio: {e}"))?
+        cmd.spawn().map_err(|e| {
+            format!("spawn /usr/bin/fio: {e} (boot the recipe's initramfs-fio.cpio)")
+        })?
         // `cmd` (holding the pipe's write end) is dropped here, so reading ends at fio's exit.
     };
     for line in BufReader::new(reader).split(b'\n') {
