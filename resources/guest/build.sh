@@ -15,7 +15,8 @@
 #                                              (exit 1 if it is not built yet)
 #
 # Outputs: ${XDG_CACHE_HOME:-$HOME/.cache}/vmm-guest/<hash>/ with exactly vmlinux, bzImage,
-# initramfs.cpio, initramfs-fio.cpio, busybox.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt, versions.txt. <hash> covers every input.
+# initramfs.cpio, initramfs-fio.cpio, busybox.cpio, rootfs.ext4, kernel.config, cmdline-pvm.txt,
+# versions.txt. <hash> covers every input.
 # Kernel, fio and agent are cached separately (kernel-<key>/, fio-<key>/, agent-<key>/) under
 # keys of their own inputs, so changing the agent does not rebuild the kernel. Everything is
 # built in a .tmp-* dir and renamed into place, so a half-built artifact never looks finished.
@@ -224,9 +225,12 @@ stage_root() {
     [[ -z $2 ]] || install -m 0755 "$2/fio" "$stage/usr/bin/fio"
 }
 
+# zero_mtimes DIR: every file's time set to the epoch, so the archive or image is reproducible.
+zero_mtimes() { find "$1" -exec touch -h -d @0 {} +; }
+
 # write_cpio DIR OUT.cpio: DIR's files as a reproducible newc archive.
 write_cpio() {
-    find "$1" -exec touch -h -d @0 {} +
+    zero_mtimes "$1"
     (cd "$1" && find . -mindepth 1 | LC_ALL=C sort |
         cpio --quiet -o -H newc --reproducible -R 0:0) >"$2"
 }
@@ -252,13 +256,23 @@ build_rootfs() {
     local stage=$WORK/.tmp-rootfs.$$
     stage_root "$stage" "$2" "$3"
     stage_busybox "$stage"
-    find "$stage" -exec touch -h -d @0 {} +
+    zero_mtimes "$stage"
     # Fixed UUID, hash seed and time: the same inputs give the same bytes.
     E2FSPROGS_FAKE_TIME=1 run_logged "$LOGS/rootfs.log" mke2fs -q -F -t ext4 -d "$stage" \
         -L guestroot -U 5c0ffee0-0000-4000-8000-000000000001 \
         -E root_owner=0:0,hash_seed=5c0ffee0-0000-4000-8000-000000000002 \
         -b 4096 "$1" 32M
-    rm -rf "$stage"
+    # mke2fs -d copies each file's ctime, which touch cannot set: pin it to the fake time too
+    # (the root dir, inode 2, and the copied files, inodes 12 and up; mke2fs's own have it).
+    local used i
+    used=$(dumpe2fs -h "$1" 2>/dev/null |
+        awk -F: '/^Inode count/ {c = $2} /^Free inodes/ {f = $2} END {print c - f}')
+    {
+        echo "set_inode_field <2> ctime @1"
+        for ((i = 12; i <= used; i++)); do echo "set_inode_field <$i> ctime @1"; done
+    } >"$stage.debugfs"
+    E2FSPROGS_FAKE_TIME=1 run_logged "$LOGS/rootfs.log" debugfs -w -f "$stage.debugfs" "$1"
+    rm -rf "$stage" "$stage.debugfs"
 }
 
 # ensure_artifact NAME KEY BUILDER: $CACHE/NAME-KEY, built by BUILDER into a tmp dir + rename.
