@@ -262,15 +262,15 @@ build_rootfs() {
         -L guestroot -U 5c0ffee0-0000-4000-8000-000000000001 \
         -E root_owner=0:0,hash_seed=5c0ffee0-0000-4000-8000-000000000002 \
         -b 4096 "$1" 32M
-    # mke2fs -d copies each file's ctime, which touch cannot set: pin it to the fake time too
-    # (the root dir, inode 2, and the copied files, inodes 12 and up; mke2fs's own have it).
-    local used i
+    # mke2fs -d copies each file's ctime, which touch cannot set, and its owner (the builder's
+    # uid when not root): pin them to the fake time and root, as the cpio archives have them
+    # (the root dir, inode 2, and the copied files, inodes 12 and up; mke2fs's own have them).
+    local used i f
     used=$(dumpe2fs -h "$1" 2>/dev/null |
         awk -F: '/^Inode count/ {c = $2} /^Free inodes/ {f = $2} END {print c - f}')
-    {
-        echo "set_inode_field <2> ctime @1"
-        for ((i = 12; i <= used; i++)); do echo "set_inode_field <$i> ctime @1"; done
-    } >"$stage.debugfs"
+    for i in 2 $(seq 12 "$used"); do
+        for f in "ctime @1" "uid 0" "gid 0"; do echo "set_inode_field <$i> $f"; done
+    done >"$stage.debugfs"
     E2FSPROGS_FAKE_TIME=1 run_logged "$LOGS/rootfs.log" debugfs -w -f "$stage.debugfs" "$1"
     rm -rf "$stage" "$stage.debugfs"
 }
